@@ -1,0 +1,55 @@
+"""Hypersolvers for torchdyn: fast, learned fixed-step solvers for Neural ODEs."""
+
+from .hypernets import ConvHyperNet, MLPHyperNet
+from .registry import register, registered, unregister
+from .solvers import (
+    RK4,
+    Alpha,
+    Euler,
+    FixedStepSolver,
+    Heun,
+    HyperAlpha,
+    HyperEuler,
+    HyperHeun,
+    HyperMidpoint,
+    HyperRalston,
+    HyperRK4,
+    HyperSolver,
+    Midpoint,
+    Ralston,
+)
+from .tableaus import EULER, HEUN, MIDPOINT, RALSTON, ButcherTableau, alpha_tableau, rk_increment
+from .tableaus import RK4 as RK4_TABLEAU
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HyperSolver",
+    "HyperEuler",
+    "HyperMidpoint",
+    "HyperHeun",
+    "HyperRalston",
+    "HyperRK4",
+    "HyperAlpha",
+    "FixedStepSolver",
+    "Euler",
+    "Midpoint",
+    "Heun",
+    "Ralston",
+    "RK4",
+    "Alpha",
+    "ButcherTableau",
+    "EULER",
+    "MIDPOINT",
+    "HEUN",
+    "RALSTON",
+    "RK4_TABLEAU",
+    "alpha_tableau",
+    "rk_increment",
+    "MLPHyperNet",
+    "ConvHyperNet",
+    "register",
+    "unregister",
+    "registered",
+    "__version__",
+]
