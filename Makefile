@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check torchdyn_hypersolvers tests examples benchmarks
+	$(PY) -m ruff check .
 
 test: lint
 	$(PY) -m pytest -q
