@@ -1,6 +1,9 @@
 """Hypersolvers for torchdyn: fast, learned fixed-step solvers for Neural ODEs."""
 
+from .fit import Adversarial, FitDivergedError, FitReport, fit
+from .harvest import Trajectories, harvest
 from .hypernets import ConvHyperNet, MLPHyperNet
+from .reference import REFERENCE_SOLVERS
 from .registry import register, registered, unregister
 from .solvers import (
     RK4,
@@ -48,6 +51,13 @@ __all__ = [
     "rk_increment",
     "MLPHyperNet",
     "ConvHyperNet",
+    "harvest",
+    "Trajectories",
+    "REFERENCE_SOLVERS",
+    "fit",
+    "FitReport",
+    "Adversarial",
+    "FitDivergedError",
     "register",
     "unregister",
     "registered",

@@ -117,7 +117,7 @@ class MLPHyperNet(nn.Module):
 
     hypernet_convention = "explicit"
 
-    def __init__(self, state_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "softplus"):
+    def __init__(self, state_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "silu"):
         super().__init__()
         if state_dim < 1:
             raise ValueError(f"state_dim must be positive, got {state_dim}")

@@ -9,7 +9,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["check_t_span", "forward_time", "map_steps"]
+__all__ = ["check_t_span", "forward_time", "step_times", "map_steps"]
 
 
 def check_t_span(t_span) -> Tensor:
@@ -34,6 +34,13 @@ def forward_time(f: Callable, t_span: Tensor) -> Tuple[Callable, Tensor]:
     if t_span[1] < t_span[0]:
         return (lambda t, z: -f(-t, z)), -t_span
     return f, t_span
+
+
+def step_times(t_span: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(t_k, dt_k)`` of every step, in the forward-time frame of :func:`forward_time`."""
+    if t_span[1] < t_span[0]:
+        t_span = -t_span
+    return t_span[:-1], t_span[1:] - t_span[:-1]
 
 
 _warned_fallback = set()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .hypernets import call_hypernet, check_convention, detect_convention
-from .mesh import check_t_span, forward_time, map_steps
+from .mesh import check_t_span, forward_time, map_steps, step_times
 from .tableaus import EULER, HEUN, MIDPOINT, RALSTON, ButcherTableau, alpha_tableau, get_tableau, rk_increment
 from .tableaus import RK4 as RK4_TABLEAU
 
@@ -254,9 +254,9 @@ def _steps_of(f: VectorField, traj: Tensor, t_span):
         raise ValueError(
             f"trajectory has {traj.shape[0]} time points (shape {tuple(traj.shape)}) but t_span has {t_span.shape[0]}"
         )
-    f, t_span = forward_time(f, t_span)
-    t_span = t_span.to(traj.dtype)
-    return t_span[:-1], t_span[1:] - t_span[:-1], traj[:-1], traj[1:], f
+    t, dt = step_times(t_span.to(traj.dtype))
+    f, _ = forward_time(f, t_span)
+    return t, dt, traj[:-1], traj[1:], f
 
 
 def _broadcast(per_step: Tensor, like: Tensor) -> Tensor:

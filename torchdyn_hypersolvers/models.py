@@ -1,0 +1,109 @@
+"""Finding the vector field in a user's model, computing z(0), and leaving the model as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Callable, Iterator, Optional, Tuple
+
+from torch import Tensor, nn
+from torchdyn.core import NeuralODE
+
+__all__ = ["resolve_model", "preserved"]
+
+
+class _ReachedNeuralODE(Exception):
+    """Raised by a pre-hook to stop a forward pass at the NeuralODE's input."""
+
+
+def _takes_time(fn: Callable) -> bool:
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) == 2
+
+
+def resolve_model(model) -> Tuple[Callable, Callable[[Tensor], Tensor], Optional[nn.Module]]:
+    """``(f, initial_state, module)`` for a NeuralODE, a module holding exactly one, or a vector field.
+
+    ``initial_state(x)`` maps model inputs to z(0): the identity for a NeuralODE or a bare
+    vector field; for a larger module, the layers that run before its NeuralODE (e.g.
+    ``BatchNorm2d`` and an ``Augmenter``), captured by stopping the forward pass there.
+    """
+    if isinstance(model, NeuralODE):
+        return model.vf, _identity, model
+    if isinstance(model, nn.Module):
+        nodes = [m for m in model.modules() if isinstance(m, NeuralODE)]
+        if len(nodes) > 1:
+            names = [name for name, m in model.named_modules() if isinstance(m, NeuralODE)]
+            raise ValueError(
+                f"{type(model).__name__} contains {len(nodes)} NeuralODEs ({', '.join(names)}); "
+                "harvest needs exactly one: pass the NeuralODE itself or a module around one"
+            )
+        if len(nodes) == 1:
+            return nodes[0].vf, _prefix_of(model, nodes[0]), model
+        if _takes_time(model):
+            return model, _identity, model
+        raise ValueError(
+            f"{type(model).__name__} contains no NeuralODE and is not a vector field f(t, z); "
+            "pass a NeuralODE, a module that contains one, or a vector field"
+        )
+    if callable(model):
+        return model, _identity, None
+    raise TypeError(f"cannot harvest from {type(model).__name__}")
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _prefix_of(model: nn.Module, node: NeuralODE) -> Callable[[Tensor], Tensor]:
+    def initial_state(x: Tensor) -> Tensor:
+        captured = {}
+
+        def hook(_module, args):
+            captured["z0"] = args[0]
+            raise _ReachedNeuralODE
+
+        handle = node.register_forward_pre_hook(hook)
+        try:
+            model(x)
+        except _ReachedNeuralODE:
+            pass
+        except Exception as err:  # the user's layers rejected x: say which shape
+            raise ValueError(
+                f"the layers before the NeuralODE rejected inputs of shape {tuple(x.shape)}: {err}"
+            ) from err
+        finally:
+            handle.remove()
+        if "z0" not in captured:
+            raise ValueError(f"{type(model).__name__}.forward finished without calling its NeuralODE")
+        return captured["z0"]
+
+    return initial_state
+
+
+@contextlib.contextmanager
+def preserved(*modules: Optional[nn.Module], freeze: bool = True) -> Iterator[None]:
+    """Within the block: eval mode, parameters frozen (no gradient), torchdyn NFE counters
+    untouched. On exit every training flag, ``requires_grad`` and counter is restored."""
+    modules = [m for m in modules if isinstance(m, nn.Module)]
+    training = [(m, m.training) for mod in modules for m in mod.modules()]
+    grads = [(p, p.requires_grad) for mod in modules for p in mod.parameters()] if freeze else []
+    counters = [(m, m.nfe) for mod in modules for m in mod.modules() if hasattr(m, "nfe")]
+    try:
+        for mod in modules:
+            mod.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, flag in training:
+            m.train(flag)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, nfe in counters:
+            m.nfe = nfe
