@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from typing import Callable, Dict
 
 import torch
+
+from torchdyn_hypersolvers.costs import median_times
 
 
 def machine() -> Dict[str, object]:
@@ -34,25 +34,9 @@ def machine() -> Dict[str, object]:
     }
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def compare(candidates: Dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> Dict[str, float]:
     """Median wall time in seconds of each candidate, measured interleaved after a warm-up."""
-    for _ in range(warmup):
-        for fn in candidates.values():
-            fn()
-    samples = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            _sync()
-            start = time.perf_counter()
-            fn()
-            _sync()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return median_times(candidates, repeats=repeats, warmup=warmup)
 
 
 def write_results(out: str, results: Dict[str, object], markdown: str) -> None:

@@ -1,8 +1,11 @@
 """Hypersolvers for torchdyn: fast, learned fixed-step solvers for Neural ODEs."""
 
+from .evaluate import ParetoResult, ParetoRow, generalization, pareto
 from .fit import Adversarial, FitDivergedError, FitReport, fit
 from .harvest import Trajectories, harvest
 from .hypernets import ConvHyperNet, MLPHyperNet
+from .metrics import absolute_error, global_truncation_error, pareto_front, task_decrement, terminal_mape
+from .plots import plot_mesh_error, plot_pareto
 from .reference import REFERENCE_SOLVERS
 from .registry import register, registered, unregister
 from .solvers import (
@@ -58,6 +61,17 @@ __all__ = [
     "FitReport",
     "Adversarial",
     "FitDivergedError",
+    "pareto",
+    "generalization",
+    "ParetoResult",
+    "ParetoRow",
+    "terminal_mape",
+    "absolute_error",
+    "global_truncation_error",
+    "task_decrement",
+    "pareto_front",
+    "plot_pareto",
+    "plot_mesh_error",
     "register",
     "unregister",
     "registered",

@@ -1,0 +1,174 @@
+import csv
+import json
+
+import pytest
+import torch
+from conftest import small_mlp
+from torch import nn
+from torchdyn.core import NeuralODE
+from torchdyn.nn import Augmenter
+
+from torchdyn_hypersolvers import HyperEuler, HyperMidpoint, MLPHyperNet
+from torchdyn_hypersolvers.costs import macs, median_times
+from torchdyn_hypersolvers.evaluate import generalization, pareto
+from torchdyn_hypersolvers.metrics import (
+    absolute_error,
+    accuracy,
+    global_truncation_error,
+    pareto_front,
+    task_decrement,
+    terminal_mape,
+)
+from torchdyn_hypersolvers.plots import plot_mesh_error
+
+SPAN = torch.linspace(0, 1, 2)
+
+
+def test_metrics_against_hand_computed_values():
+    pred = torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    ref = torch.tensor([[2.0, 4.0], [3.0, 4.0]])
+    # |1-2|/2, |2-4|/4, 0, |5-4|/4 -> 0.5, 0.5, 0, 0.25 -> mean 0.3125
+    assert terminal_mape(pred, ref) == pytest.approx(31.25, rel=1e-6)
+    assert torch.equal(absolute_error(pred, ref), torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+    traj_pred = torch.stack([ref, pred])  # no error at k=0
+    traj_ref = torch.stack([ref, ref])
+    # k=1: ||(-1,-2)|| = sqrt(5), ||(0,1)|| = 1 -> mean (sqrt(5) + 1) / 2
+    torch.testing.assert_close(global_truncation_error(traj_pred, traj_ref), torch.tensor([0.0, (5**0.5 + 1) / 2]))
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    assert accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(200 / 3)
+    # identity head: reference predicts [0, 1, 0], solution predicts [1, 1, 0]
+    ref_states = logits
+    sol_states = torch.tensor([[0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    assert task_decrement(nn.Identity(), sol_states, ref_states) == pytest.approx(100 / 3)
+    assert task_decrement(nn.Identity(), sol_states, ref_states, labels=torch.tensor([1, 1, 0])) == pytest.approx(
+        -100 / 3
+    )
+    with pytest.raises(ValueError, match=r"solution shape \(2, 2\) differs from reference shape \(2, 3\)"):
+        terminal_mape(pred, torch.zeros(2, 3))
+
+
+def test_pareto_front_on_a_hand_made_set():
+    costs = [1, 2, 2, 3, 4, 4]
+    errors = [5.0, 3.0, 4.0, 3.0, 1.0, float("nan")]
+    assert pareto_front(costs, errors) == [True, True, False, False, True, False]
+
+
+def test_macs_of_a_linear_and_a_conv_layer_are_exact():
+    assert macs(nn.Linear(3, 5), torch.randn(7, 3)) == 7 * 3 * 5
+    assert macs(nn.Conv2d(2, 4, 3, padding=1), torch.randn(1, 2, 5, 5)) == 2 * 4 * 9 * 25
+
+
+def test_counted_nfe_g_calls_and_macs_in_a_sweep():
+    vf = nn.Linear(2, 2)
+    f = lambda t, z: vf(z)  # noqa: E731
+    hs = HyperEuler(MLPHyperNet(2, hidden=(8,)))
+    x = torch.randn(16, 2)
+    result = pareto(
+        f,
+        x,
+        SPAN,
+        solvers=[hs, "euler", "midpoint", "heun", "rk4", "dopri5"],
+        steps=[3, 5],
+        tolerances=[1e-3],
+        repeats=1,
+    )
+    stages = {"HyperEuler": 1, "euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+    for row in result.rows:
+        if row.kind == "adaptive":
+            assert row.nfe > 0 and row.steps is None and row.tol == 1e-3
+            continue
+        assert row.nfe == stages[row.solver] * row.steps
+        assert row.g_calls == (row.steps if row.solver == "HyperEuler" else 0)
+        assert row.macs_f == 16 * 2 * 2
+        assert row.macs == row.nfe * row.macs_f + row.g_calls * row.macs_g
+    hyper = next(r for r in result.rows if r.solver == "HyperEuler")
+    assert hyper.macs_g == 16 * (5 * 8 + 8 * 2)
+    # unfitted g: the hypersolver is Euler, to the error
+    euler = next(r for r in result.rows if r.solver == "euler" and r.steps == hyper.steps)
+    assert hyper.terminal_mape == pytest.approx(euler.terminal_mape, rel=1e-5)
+
+
+def test_plain_function_hypernet_calls_are_counted():
+    hs = HyperEuler(lambda dt, t, z, dz: torch.zeros_like(z), convention="explicit")
+    result = pareto(lambda t, z: -z, torch.randn(4, 2), SPAN, solvers=[hs], steps=[7], timing=False)
+    assert result.rows[0].g_calls == 7 and result.rows[0].nfe == 7
+
+
+def test_small_sweep_writes_csv_json_markdown_and_png(tmp_path):
+    f = small_mlp()
+    hs = HyperMidpoint(MLPHyperNet(2, hidden=(8,)))
+    result = pareto(
+        NeuralODE(f),
+        torch.randn(32, 2),
+        SPAN,
+        solvers=[hs, "euler", "rk4", "dopri5"],
+        steps=[2, 4],
+        tolerances=[1e-3],
+        repeats=2,
+    )
+    paths = result.save(tmp_path)
+    with open(paths["csv"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(result.rows) == 7
+    assert float(rows[0]["wall_ms"]) > 0
+    blob = json.loads(open(paths["json"]).read())
+    assert blob["reference"] == "torchdiffeq:dopri5" and len(blob["rows"]) == 7
+    assert any(r["pareto_nfe"] for r in blob["rows"])
+    markdown = open(paths["markdown"]).read()
+    assert markdown.count("\n") == 9 and "| rk4 | 4 | 16 |" in markdown
+    for key in ("png_nfe", "png_macs", "png_wall_ms"):
+        assert open(paths[key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_image_states_sequential_head_and_backward_time(tmp_path):
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Softplus(), nn.Conv2d(8, 4, 3, padding=1))
+    model = nn.Sequential(
+        nn.BatchNorm2d(1),
+        Augmenter(1, 3),
+        NeuralODE(f, return_t_eval=False),
+        _Last(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+    x = torch.randn(8, 1, 6, 6)
+    labels = torch.randint(0, 3, (8,))
+    result = pareto(
+        model, x, torch.tensor([1.0, 0.0]), solvers=["euler", "rk4"], steps=[2, 8], labels=labels, timing=False
+    )
+    assert all(r.task_decrement is not None for r in result.rows)
+    rk4_fine = next(r for r in result.rows if r.solver == "rk4" and r.steps == 8)
+    euler_coarse = next(r for r in result.rows if r.solver == "euler" and r.steps == 2)
+    assert rk4_fine.terminal_mape < euler_coarse.terminal_mape
+    err = torch.rand(5, 3, 4, 6, 6)
+    path = plot_mesh_error(err, tmp_path / "mesh.png", samples=2)
+    assert open(path, "rb").read(4) == b"\x89PNG"
+    with pytest.raises(ValueError, match="image states"):
+        plot_mesh_error(torch.rand(5, 3, 2), tmp_path / "bad.png")
+
+
+class _Last(nn.Module):
+    def forward(self, traj):
+        return traj[-1]
+
+
+def test_generalization_rows_use_the_same_g_under_other_bases():
+    hs = HyperMidpoint(MLPHyperNet(2, hidden=(8,)))
+    result = generalization(
+        hs, lambda t, z: -z, torch.randn(4, 2), SPAN, bases=["euler", "rk4"], steps=[4], timing=False
+    )
+    names = [r.solver for r in result.rows]
+    assert names == ["g(midpoint)@euler", "euler", "g(midpoint)@rk4", "rk4"]
+    assert result.rows[2].nfe == 16 and result.rows[2].g_calls == 4
+
+
+def test_median_times_interleaves_and_reports_each():
+    order = []
+    times = median_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4 and set(times) == {"a", "b"}
+
+
+def test_unknown_solver_names_are_refused():
+    with pytest.raises(ValueError, match="unknown solver 'rk45'"):
+        pareto(lambda t, z: -z, torch.randn(2, 2), SPAN, solvers=["rk45"])

@@ -1,0 +1,375 @@
+"""Pareto sweeps: solvers x step counts (and adaptive solvers x tolerances) on a model.
+
+Every fixed-step solver -- hypersolvers, this package's bases and torchdyn's own
+``Euler`` / ``Midpoint`` / ``RungeKutta4`` -- runs through the same loop
+(:func:`~torchdyn_hypersolvers.solvers.fixed_solve`), so their times compare like for
+like. Adaptive solvers run through torchdyn's or torchdiffeq's ``odeint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torchdyn.core import NeuralODE
+
+from .costs import CallCounter, counting_calls, macs, median_times
+from .harvest import mesh_union
+from .mesh import check_t_span
+from .metrics import global_truncation_error, pareto_front, task_decrement, terminal_mape
+from .models import preserved, resolve_model
+from .reference import REFERENCE_SOLVERS, check_reference, reference_solve
+from .solvers import FixedStepSolver, HyperSolver, fixed_solve
+
+__all__ = ["ParetoRow", "ParetoResult", "pareto", "generalization", "CLASSICAL", "ADAPTIVE"]
+
+CLASSICAL = ("euler", "midpoint", "heun", "rk4")
+"""torchdyn's Euler, Midpoint and RK4, and this package's Heun."""
+
+ADAPTIVE = ("torchdyn:dopri5", "torchdyn:tsit5", "torchdiffeq:dopri5", "torchdiffeq:dopri8")
+
+SolverSpec = Union[str, nn.Module]
+
+
+@dataclass
+class ParetoRow:
+    """One (solver, step count or tolerance) point of a sweep."""
+
+    solver: str
+    kind: str  # 'hyper', 'fixed' or 'adaptive'
+    steps: Optional[int]
+    tol: Optional[float]
+    nfe: int
+    g_calls: int
+    macs_f: int
+    macs_g: int
+    macs: int
+    wall_ms: float
+    terminal_mape: float
+    terminal_error: float
+    max_terminal_error: float
+    global_error: Optional[float]
+    task_decrement: Optional[float]
+    pareto_nfe: bool = False
+    pareto_macs: bool = False
+    pareto_wall: bool = False
+
+
+COLUMNS = [f.name for f in fields(ParetoRow)]
+
+
+@dataclass
+class ParetoResult:
+    """The rows of a sweep, with exports. Errors are against the reference solve."""
+
+    rows: List[ParetoRow]
+    reference: str
+    reference_tol: float
+
+    def to_csv(self, path: Union[str, os.PathLike]) -> str:
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow(asdict(row))
+        return str(path)
+
+    def to_json(self, path: Union[str, os.PathLike]) -> str:
+        blob = {
+            "reference": self.reference,
+            "reference_tol": self.reference_tol,
+            "rows": [asdict(r) for r in self.rows],
+        }
+        with open(path, "w") as fh:
+            json.dump(blob, fh, indent=2)
+        return str(path)
+
+    def to_markdown(self) -> str:
+        """A markdown table; ``*`` marks points on the error-vs-NFE front, ``m`` on the
+        error-vs-MACs front, ``w`` on the error-vs-wall-clock front."""
+        has_task = any(r.task_decrement is not None for r in self.rows)
+        head = "| solver | steps / tol | NFE | g calls | MACs | wall (ms) | terminal MAPE (%) | terminal error |"
+        rule = "|---|---|---|---|---|---|---|---|"
+        if has_task:
+            head, rule = head + " task decrement |", rule + "---|"
+        lines = [head + " front |", rule + "---|"]
+        for r in self.rows:
+            setting = str(r.steps) if r.steps is not None else f"tol {r.tol:g}"
+            marks = ("*" if r.pareto_nfe else "") + ("m" if r.pareto_macs else "") + ("w" if r.pareto_wall else "")
+            cells = [
+                r.solver,
+                setting,
+                str(r.nfe),
+                str(r.g_calls),
+                _si(r.macs),
+                f"{r.wall_ms:.3g}",
+                f"{r.terminal_mape:.3g}",
+                f"{r.terminal_error:.3g}",
+            ]
+            if has_task:
+                cells.append("" if r.task_decrement is None else f"{r.task_decrement:.2f}")
+            lines.append("| " + " | ".join(cells + [marks]) + " |")
+        return "\n".join(lines) + "\n"
+
+    def save(self, out_dir: Union[str, os.PathLike], prefix: str = "pareto", plots: bool = True) -> Dict[str, str]:
+        """Write CSV, JSON, markdown and (with matplotlib) the three front figures."""
+        os.makedirs(out_dir, exist_ok=True)
+        paths = {
+            "csv": self.to_csv(os.path.join(out_dir, f"{prefix}.csv")),
+            "json": self.to_json(os.path.join(out_dir, f"{prefix}.json")),
+        }
+        md = os.path.join(out_dir, f"{prefix}.md")
+        with open(md, "w") as fh:
+            fh.write(self.to_markdown())
+        paths["markdown"] = md
+        if plots:
+            from .plots import plot_pareto
+
+            for cost in ("nfe", "macs", "wall_ms"):
+                paths[f"png_{cost}"] = plot_pareto(self, os.path.join(out_dir, f"{prefix}_{cost}.png"), cost=cost)
+        return paths
+
+
+def _si(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _name(solver: SolverSpec) -> str:
+    if isinstance(solver, str):
+        return solver
+    return getattr(solver, "name", None) or type(solver).__name__
+
+
+def _fixed_stepper(name: str) -> Optional[nn.Module]:
+    """A fixed-step solver by name: torchdyn's table first (its Euler, Midpoint, RK4 and
+    registered hypersolvers), then this package's bases (Heun, Ralston)."""
+    from torchdyn.numerics.solvers.ode import SOLVER_DICT
+
+    if name in SOLVER_DICT:
+        solver = SOLVER_DICT[name]()
+        return solver if getattr(solver, "stepping_class", None) == "fixed" else None
+    try:
+        return FixedStepSolver(name)
+    except ValueError:
+        return None
+
+
+def _head_after(model, z0: Tensor, t_ends: Tensor) -> Optional[Callable[[Tensor], Tensor]]:
+    """For an ``nn.Sequential``, the layers after its NeuralODE, fed what the NeuralODE
+    returns for ``t_span = [t0, t1]`` (``[z0, z1]``, with ``t_eval`` when it returns it)."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    for k, layer in enumerate(model):
+        if isinstance(layer, NeuralODE):
+            rest = model[k + 1 :]
+            if len(rest) == 0:
+                return None
+
+            def head(final: Tensor, node=layer, rest=rest) -> Tensor:
+                states = torch.stack([z0, final])
+                return rest((t_ends, states) if node.return_t_eval else states)
+
+            return head
+    return None
+
+
+def _classify(solver: SolverSpec):
+    """``(kind, stepper_or_reference_name)`` for a solver given in any accepted form."""
+    if isinstance(solver, HyperSolver):
+        return "hyper", solver
+    if isinstance(solver, nn.Module):
+        if getattr(solver, "stepping_class", None) != "fixed" or not hasattr(solver, "step"):
+            raise ValueError(f"solver {_name(solver)} is not a fixed-step solver; name adaptive ones by string")
+        return "fixed", solver
+    if isinstance(solver, str):
+        if solver in REFERENCE_SOLVERS or (":" in solver):
+            return "adaptive", check_reference(solver)
+        stepper = _fixed_stepper(solver)
+        if stepper is not None:
+            return ("hyper" if isinstance(stepper, HyperSolver) else "fixed"), stepper
+    raise ValueError(
+        f"unknown solver {solver!r}: pass a (hyper)solver module, a fixed-step name "
+        f"({', '.join(CLASSICAL)}, ralston, or a registered name) or an adaptive one ({', '.join(REFERENCE_SOLVERS)})"
+    )
+
+
+def pareto(
+    model,
+    x: Tensor,
+    t_span,
+    solvers: Sequence[SolverSpec] = CLASSICAL + ("dopri5",),
+    steps: Sequence[int] = (4, 8, 16),
+    tolerances: Sequence[float] = (1e-2, 1e-3, 1e-4),
+    reference: str = "dopri5",
+    reference_tol: float = 1e-7,
+    head: Optional[Callable[[Tensor], Tensor]] = None,
+    labels: Optional[Tensor] = None,
+    metric: Optional[Callable[[Tensor, Tensor], float]] = None,
+    repeats: int = 5,
+    timing: bool = True,
+) -> ParetoResult:
+    """Sweep ``solvers`` x ``steps`` (adaptive ones x ``tolerances``) on a model and inputs.
+
+    Args:
+        model: a NeuralODE, a module containing one (the layers before it make z(0); for an
+            ``nn.Sequential`` the layers after it are the task ``head``, fed what the
+            NeuralODE returns on ``[t0, t1]``), or a vector field ``f(t, z)`` with ``x`` the
+            initial states.
+        x: the inputs; t_span: its endpoints give the interval (a decreasing one integrates backwards).
+        solvers: hypersolvers and fixed-step solvers (modules or names such as ``'euler'``),
+            and adaptive solvers by name (``'dopri5'``, ``'torchdyn:tsit5'``, ...).
+        head, labels, metric: the task metric; the row's ``task_decrement`` is
+            ``metric(head(reference)) - metric(head(solution))`` (default: accuracy).
+        repeats: interleaved timing repeats (median); ``timing=False`` skips timing.
+
+    Each row counts NFE of f and calls of g (counted, not assumed), MACs of f and g
+    separately, the median wall-clock time, and errors against the reference solve.
+    """
+    f, initial_state, module = resolve_model(model)
+    span = check_t_span(t_span)
+    t0, t1 = float(span[0]), float(span[-1])
+    classified = [(_name(s), *_classify(s)) for s in solvers]
+    with preserved(module), torch.no_grad():
+        z0 = initial_state(x)
+        t_union, meshes = mesh_union(t0, t1, steps)
+        t_union = t_union.to(z0)
+        ref = reference_solve(f, z0, t_union, reference, reference_tol, reference_tol)
+        t_ends = torch.tensor([t0, t1]).to(z0)
+        head = head if head is not None else _head_after(model, z0, t_ends)
+        macs_f = macs(f, t_ends[0], z0)
+        rows, runs = [], {}
+        for name, kind, target in classified:
+            if kind == "adaptive":
+                for tol in tolerances:
+                    counter = CallCounter(f)
+                    sol = reference_solve(counter, z0, t_ends, target, tol, tol)
+                    rows.append(
+                        _row(
+                            name,
+                            kind,
+                            None,
+                            tol,
+                            counter.calls,
+                            0,
+                            macs_f,
+                            0,
+                            sol[-1],
+                            ref[-1],
+                            None,
+                            head,
+                            labels,
+                            metric,
+                        )
+                    )
+                    runs[len(rows) - 1] = lambda s=target, tl=tol: reference_solve(f, z0, t_ends, s, tl, tl)
+                continue
+            macs_g = 0
+            if kind == "hyper":
+                macs_g = macs(target.correction, t_ends[1] - t_ends[0], t_ends[0], z0, f(t_ends[0], z0))
+            for n in steps:
+                mesh_t, mesh_ref = t_union[meshes[n]], ref[meshes[n]]
+                counter = CallCounter(f)
+                with _count_g(target) as g_counter:
+                    sol = fixed_solve(target, counter, z0, mesh_t)
+                rows.append(
+                    _row(
+                        name,
+                        kind,
+                        n,
+                        None,
+                        counter.calls,
+                        g_counter.calls,
+                        macs_f,
+                        macs_g,
+                        sol[-1],
+                        mesh_ref[-1],
+                        global_truncation_error(sol, mesh_ref).mean(),
+                        head,
+                        labels,
+                        metric,
+                    )
+                )
+                runs[len(rows) - 1] = lambda s=target, m=mesh_t: fixed_solve(s, f, z0, m, return_trajectory=False)
+        if timing:
+            times = median_times({str(k): fn for k, fn in runs.items()}, repeats=repeats)
+            for k in runs:
+                rows[k].wall_ms = 1e3 * times[str(k)]
+    _mark_fronts(rows)
+    return ParetoResult(rows, check_reference(reference), reference_tol)
+
+
+@contextlib.contextmanager
+def _count_g(stepper: nn.Module) -> Iterator[CallCounter]:
+    """Count calls of a hypersolver's g (zero for a classical solver)."""
+    g = getattr(stepper, "hypernet", None) if isinstance(stepper, HyperSolver) else None
+    if isinstance(g, nn.Module):
+        with counting_calls(g) as counter:
+            yield counter
+    elif g is not None:
+        counter = CallCounter(g)
+        stepper.hypernet = counter
+        try:
+            yield counter
+        finally:
+            stepper.hypernet = g
+    else:
+        yield CallCounter(None)
+
+
+def _row(name, kind, steps, tol, nfe, g_calls, macs_f, macs_g, final, ref_final, global_error, head, labels, metric):
+    errors = (final - ref_final).flatten(1).norm(dim=1)
+    return ParetoRow(
+        solver=name,
+        kind=kind,
+        steps=steps,
+        tol=tol,
+        nfe=nfe,
+        g_calls=g_calls,
+        macs_f=macs_f,
+        macs_g=macs_g,
+        macs=nfe * macs_f + g_calls * macs_g,
+        wall_ms=float("nan"),
+        terminal_mape=terminal_mape(final, ref_final),
+        terminal_error=float(errors.mean()),
+        max_terminal_error=float(errors.max()),
+        global_error=None if global_error is None else float(global_error),
+        task_decrement=None if head is None else task_decrement(head, final, ref_final, labels, metric),
+    )
+
+
+def _mark_fronts(rows: List[ParetoRow]) -> None:
+    errors = [r.terminal_mape for r in rows]
+    for attr, cost in (("pareto_nfe", "nfe"), ("pareto_macs", "macs"), ("pareto_wall", "wall_ms")):
+        costs = [getattr(r, cost) for r in rows]
+        if any(c != c for c in costs):  # untimed
+            continue
+        for row, mark in zip(rows, pareto_front(costs, errors)):
+            setattr(row, attr, mark)
+
+
+def generalization(
+    hs: HyperSolver,
+    model,
+    x: Tensor,
+    t_span,
+    bases: Sequence[str] = ("euler", "midpoint", "heun", "rk4"),
+    steps: Sequence[int] = (4, 8, 16),
+    **kwargs,
+) -> ParetoResult:
+    """Base-solver generalisation (supplement C.2): the g fitted for ``hs``'s base, used
+    with each of ``bases`` (rows ``g(<fitted base>)@<base>``), next to the bases alone."""
+    solvers: List[SolverSpec] = []
+    for base in bases:
+        moved = HyperSolver(base, hs.hypernet, convention=hs.convention)
+        moved.name = f"g({hs.tableau.name})@{moved.tableau.name}"
+        solvers += [moved, base]
+    return pareto(model, x, t_span, solvers=solvers, steps=steps, **kwargs)
