@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow test-wheel lint bench clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[examples,dev]'
+	$(PY) -m pip install --quiet -e '.[examples,dev,lightning]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +24,10 @@ test: lint
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Build sdist and wheel, install the wheel in a fresh venv, smoke-test it (about half a minute).
+test-wheel: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_packaging.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks --out results/bench

@@ -22,6 +22,7 @@ from .mesh import map_steps, step_times
 from .models import preserved
 from .reference import reference_solve
 from .solvers import HyperSolver
+from .validity import Validity
 
 __all__ = [
     "Adversarial",
@@ -249,6 +250,8 @@ def fit(
         progress: show a tqdm progress bar with the loss.
         seed: makes batch sampling and the adversarial search reproducible.
 
+    At the end, ``hs.validity`` records the step sizes and state shape of the meshes fitted on.
+
     Raises:
         FitDivergedError: the loss or gradient became non-finite; g keeps its last finite weights.
     """
@@ -286,6 +289,7 @@ def fit(
         hs.train()
         bar = _progress(iterations, progress)
         index = None
+        validity, hs.validity = hs.validity, None  # no validity warnings while g changes
         try:
             for i in range(iterations):
                 if i in rounds:
@@ -332,8 +336,11 @@ def fit(
                 bar.close()
             for m, flag in g_modes:
                 m.train(flag)
+            hs.validity = validity
         residual_error, base_error = _residual_errors(hs, data)
-    return FitReport(method, iterations, time.perf_counter() - start, history, residual_error, base_error, worst)
+    report = FitReport(method, iterations, time.perf_counter() - start, history, residual_error, base_error, worst)
+    hs.validity = Validity.of_trajectories(trajectories, report)
+    return report
 
 
 def _residual_errors(hs: HyperSolver, data: ResidualData, chunk: int = 1024):
