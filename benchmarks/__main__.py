@@ -8,10 +8,10 @@ import time
 
 import torch
 
-from . import residuals
+from . import dominance, fitting, inference, residuals
 from .common import machine, write_results
 
-SUITES = {"residuals": residuals}
+SUITES = {"residuals": residuals, "inference": inference, "dominance": dominance, "fitting": fitting}
 
 
 def main(argv=None) -> None:

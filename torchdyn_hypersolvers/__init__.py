@@ -4,6 +4,7 @@ from .evaluate import ParetoResult, ParetoRow, generalization, pareto
 from .fit import Adversarial, FitDivergedError, FitReport, fit
 from .harvest import Trajectories, harvest
 from .hypernets import ConvHyperNet, MLPHyperNet
+from .io import load, save
 from .metrics import absolute_error, global_truncation_error, pareto_front, task_decrement, terminal_mape
 from .plots import plot_mesh_error, plot_pareto
 from .reference import REFERENCE_SOLVERS
@@ -61,6 +62,8 @@ __all__ = [
     "FitReport",
     "Adversarial",
     "FitDivergedError",
+    "save",
+    "load",
     "pareto",
     "generalization",
     "ParetoResult",

@@ -30,7 +30,7 @@ from .solvers import FixedStepSolver, HyperSolver, fixed_solve
 __all__ = ["ParetoRow", "ParetoResult", "pareto", "generalization", "CLASSICAL", "ADAPTIVE"]
 
 CLASSICAL = ("euler", "midpoint", "heun", "rk4")
-"""torchdyn's Euler, Midpoint and RK4, and this package's Heun."""
+"""The classical fixed-step bases (this package's tableaus; see :func:`_fixed_stepper`)."""
 
 ADAPTIVE = ("torchdyn:dopri5", "torchdyn:tsit5", "torchdiffeq:dopri5", "torchdiffeq:dopri8")
 
@@ -150,17 +150,22 @@ def _name(solver: SolverSpec) -> str:
 
 
 def _fixed_stepper(name: str) -> Optional[nn.Module]:
-    """A fixed-step solver by name: torchdyn's table first (its Euler, Midpoint, RK4 and
-    registered hypersolvers), then this package's bases (Heun, Ralston)."""
+    """A fixed-step solver by name: this package's bases first (``'euler'``, ``'midpoint'``,
+    ``'heun'``, ``'ralston'``, ``'rk4'``), then torchdyn's table (registered hypersolvers).
+
+    torchdyn 1.0.6's ``RungeKutta4`` evaluates its last stage at ``t + dt/2`` instead of
+    ``t + dt`` (first order on time-dependent fields), so ``'rk4'`` is this package's; pass
+    torchdyn's class as a module to measure it anyway."""
     from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
-    if name in SOLVER_DICT:
-        solver = SOLVER_DICT[name]()
-        return solver if getattr(solver, "stepping_class", None) == "fixed" else None
     try:
         return FixedStepSolver(name)
     except ValueError:
-        return None
+        pass
+    if name in SOLVER_DICT:
+        solver = SOLVER_DICT[name]()
+        return solver if getattr(solver, "stepping_class", None) == "fixed" else None
+    return None
 
 
 def _head_after(model, z0: Tensor, t_ends: Tensor) -> Optional[Callable[[Tensor], Tensor]]:

@@ -9,6 +9,8 @@ without any change to torchdyn. The stepping itself is :func:`rk_increment`.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -18,6 +20,8 @@ from .hypernets import call_hypernet, check_convention, detect_convention
 from .mesh import check_t_span, forward_time, map_steps, step_times
 from .tableaus import EULER, HEUN, MIDPOINT, RALSTON, ButcherTableau, alpha_tableau, get_tableau, rk_increment
 from .tableaus import RK4 as RK4_TABLEAU
+from .validity import Validity, check_solve
+from .validity import describe as describe_solver
 
 __all__ = [
     "FixedStepSolver",
@@ -114,9 +118,11 @@ class FixedStepSolver(nn.Module):
         psi, _ = rk_increment(self.tableau, f, t, x, dt, k1)
         return None, x + dt * psi, None
 
-    def solve(self, f: VectorField, z0: Tensor, t_span, return_trajectory: bool = True) -> Tensor:
-        """Integrate over ``t_span``; the trajectory ``[T, ...]`` or only the final state."""
-        return fixed_solve(self, f, z0, t_span, return_trajectory)
+    def solve(self, f: VectorField, z0: Tensor, t_span, return_trajectory: bool = True, **fast) -> Tensor:
+        """Integrate over ``t_span``; the trajectory ``[T, ...]`` or only the final state.
+
+        ``fast`` options (``compile``, ``cuda_graph``) as in :func:`fixed_solve`."""
+        return fixed_solve(self, f, z0, t_span, return_trajectory, **fast)
 
     def extra_repr(self) -> str:
         return f"{self.tableau.name}, order={self.order}"
@@ -178,6 +184,8 @@ class HyperSolver(nn.Module):
     """
 
     stepping_class = "fixed"
+    validity: Optional[Validity] = None
+    """Where g was fitted (set by ``fit`` and ``load``); solves outside it warn. None: unchecked."""
 
     def __init__(self, base: BaseLike, g: Callable, convention: Optional[str] = None):
         super().__init__()
@@ -192,13 +200,21 @@ class HyperSolver(nn.Module):
 
     @property
     def base_solver(self) -> FixedStepSolver:
-        """The uncorrected base solver."""
-        return FixedStepSolver(self.tableau)
+        """The uncorrected base solver (one instance, so its compiled steps are cached)."""
+        cache = _cache(self)
+        if cache.get("base") is None or cache["base"].tableau != self.tableau:
+            cache["base"] = FixedStepSolver(self.tableau)
+        return cache["base"]
 
     def sync_device_dtype(self, x: Tensor, t_span: Tensor) -> Tuple[Tensor, Tensor]:
-        """torchdyn hook: put ``t_span`` on ``x``'s device."""
+        """torchdyn hook (once per solve): check the validity record, put ``t_span`` on ``x``'s device."""
         _check_state(x)
+        check_solve(self, x, t_span)
         return x, t_span.to(x.device)
+
+    def describe(self) -> str:
+        """What this hypersolver is, what it was fitted on, and where it is valid."""
+        return describe_solver(self)
 
     def correction(self, dt: Tensor, t: Tensor, z: Tensor, dz: Tensor) -> Tensor:
         """g's predicted residual at one step, checked to have z's shape."""
@@ -216,9 +232,14 @@ class HyperSolver(nn.Module):
         psi, k1 = rk_increment(self.tableau, f, t, x, dt, k1)
         return None, x + dt * psi + dt ** (self.order + 1) * self.correction(dt, t, x, k1), None
 
-    def solve(self, f: VectorField, z0: Tensor, t_span, correct: bool = True, return_trajectory: bool = True) -> Tensor:
-        """Integrate over ``t_span`` with the correction on (or off: the base solver)."""
-        return fixed_solve(self if correct else self.base_solver, f, z0, t_span, return_trajectory)
+    def solve(
+        self, f: VectorField, z0: Tensor, t_span, correct: bool = True, return_trajectory: bool = True, **fast
+    ) -> Tensor:
+        """Integrate over ``t_span`` with the correction on (or off: the base solver).
+
+        The fast path: same numbers as torchdyn's ``odeint`` with this solver, without its
+        per-step overhead. ``fast`` options (``compile``, ``cuda_graph``) as in :func:`fixed_solve`."""
+        return fixed_solve(self if correct else self.base_solver, f, z0, t_span, return_trajectory, **fast)
 
     # -- the paper's template methods (supplement B.1), vectorised over all steps --
 
@@ -264,19 +285,95 @@ def _broadcast(per_step: Tensor, like: Tensor) -> Tensor:
     return per_step.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def fixed_solve(stepper: nn.Module, f: VectorField, z0: Tensor, t_span, return_trajectory: bool = True) -> Tensor:
-    """Run ``stepper.step`` over ``t_span``: no comparisons against the mesh and no host
-    synchronisation inside the loop; only the states asked for are kept."""
+def fixed_solve(
+    stepper: nn.Module,
+    f: VectorField,
+    z0: Tensor,
+    t_span,
+    return_trajectory: bool = True,
+    compile: Union[bool, str] = False,
+    cuda_graph: bool = False,
+) -> Tensor:
+    """Run ``stepper.step`` over ``t_span``, the fast path.
+
+    No comparisons against the mesh and no host synchronisation inside the loop (the
+    step sizes are computed once); only the states asked for are kept; under
+    ``torch.no_grad()`` the loop runs in ``torch.inference_mode()``.
+
+    Args:
+        compile: ``True`` (inductor) or a ``torch.compile`` backend name: the step is
+            compiled once per (solver, vector field, direction) and reused.
+        cuda_graph: capture the whole solve as one CUDA graph and replay it (CUDA
+            tensors, no gradient); one capture per (shape, dtype, mesh, vector field).
+    """
     _check_state(z0)
-    t_span = check_t_span(t_span).to(z0.device)
+    t_span = check_t_span(t_span)
+    check_solve(stepper, z0, t_span)
+    t_span = t_span.to(z0.device)
+    user_f, backwards = f, bool(t_span[1] < t_span[0])
     f, t_span = forward_time(f, t_span)
-    dts = t_span[1:] - t_span[:-1]
+    ts, dts = t_span[:-1].unbind(0), (t_span[1:] - t_span[:-1]).unbind(0)
+    step = _compiled_step(stepper, user_f, f, backwards, compile) if compile else _eager_step(stepper, f)
+    if cuda_graph:
+        return _graphed(stepper, user_f, step, z0, t_span, ts, dts, return_trajectory)
+    mode = torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext()
+    with mode:
+        return _loop(step, z0, ts, dts, return_trajectory)
+
+
+def _eager_step(stepper: nn.Module, f: VectorField) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    return lambda z, t, dt: stepper.step(f, z, t, dt)[1]
+
+
+def _loop(step, z0: Tensor, ts, dts, return_trajectory: bool) -> Tensor:
     z, traj = z0, [z0]
-    for k in range(dts.shape[0]):
-        _, z, _ = stepper.step(f, z, t_span[k], dts[k])
+    for t, dt in zip(ts, dts):
+        z = step(z, t, dt)
         if return_trajectory:
             traj.append(z)
     return torch.stack(traj) if return_trajectory else z
+
+
+_CACHES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+def _cache(stepper: nn.Module) -> dict:
+    return _CACHES.setdefault(stepper, {})
+
+
+def _compiled_step(stepper, user_f, f, backwards: bool, compile: Union[bool, str]):
+    backend = "inductor" if compile is True else compile
+    key = ("compiled", id(user_f), backwards, backend)
+    cache = _cache(stepper)
+    if key not in cache or cache[key][0] is not user_f:
+        cache[key] = (user_f, torch.compile(_eager_step(stepper, f), backend=backend, dynamic=False))
+    return cache[key][1]
+
+
+def _graphed(stepper, user_f, step, z0: Tensor, t_span: Tensor, ts, dts, return_trajectory: bool) -> Tensor:
+    if z0.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors, got a state on {z0.device}")
+    if torch.is_grad_enabled() and (z0.requires_grad or any(p.requires_grad for p in stepper.parameters())):
+        raise ValueError("cuda_graph=True is for inference: call it under torch.no_grad() or torch.inference_mode()")
+    key = ("graph", id(user_f), tuple(z0.shape), z0.dtype, z0.device, tuple(t_span.tolist()), return_trajectory)
+    cache = _cache(stepper)
+    if key not in cache or cache[key][0] is not user_f:
+        static_z0 = z0.detach().clone()
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
+                for _ in range(2):
+                    _loop(step, static_z0, ts, dts, return_trajectory)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = _loop(step, static_z0, ts, dts, return_trajectory)
+        cache[key] = (user_f, graph, static_z0, static_out)
+    _, graph, static_z0, static_out = cache[key]
+    static_z0.copy_(z0)
+    graph.replay()
+    return static_out.clone()
 
 
 class HyperEuler(HyperSolver):

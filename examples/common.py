@@ -1,0 +1,88 @@
+"""What every tutorial shares: the command line, the results folder, a training loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Callable, Iterable, List, Optional
+
+import torch
+
+try:  # the examples extra brings tqdm; run without a bar otherwise
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+
+def parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """``--quick``, ``--device``, ``--out``, ``--seed`` and ``--no-progress``."""
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a seconds-long run with tiny sizes (used by the tests)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--out", default=os.path.join("results", name), help="folder for figures and tables")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def setup(args) -> torch.device:
+    """Seed everything, create the results folder, return the device."""
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    return torch.device(args.device)
+
+
+def train(
+    loss_fn: Callable[[int], torch.Tensor],
+    params: Iterable[torch.nn.Parameter],
+    iterations: int,
+    lr: float = 1e-2,
+    lr_min: Optional[float] = None,
+    desc: str = "training",
+    progress: bool = True,
+) -> List[float]:
+    """Adam (with cosine annealing to ``lr_min`` when given) on ``loss_fn(iteration)``."""
+    params = list(params)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=lr_min) if lr_min else None
+    bar = tqdm(range(iterations), desc=desc, leave=False) if (progress and tqdm) else range(iterations)
+    losses = []
+    for i in bar:
+        loss = loss_fn(i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+        if hasattr(bar, "set_postfix") and i % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3g}", refresh=False)
+    return losses
+
+
+def write_json(out: str, name: str, obj) -> str:
+    path = os.path.join(out, name)
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    return path
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+class FinalState(torch.nn.Module):
+    """Takes the last state of a NeuralODE's trajectory ``[T, B, ...]`` (put after a
+    ``NeuralODE(..., return_t_eval=False)`` in an ``nn.Sequential``)."""
+
+    def forward(self, trajectory: torch.Tensor) -> torch.Tensor:
+        return trajectory[-1]
