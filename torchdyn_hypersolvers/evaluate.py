@@ -153,9 +153,9 @@ def _fixed_stepper(name: str) -> Optional[nn.Module]:
     """A fixed-step solver by name: this package's bases first (``'euler'``, ``'midpoint'``,
     ``'heun'``, ``'ralston'``, ``'rk4'``), then torchdyn's table (registered hypersolvers).
 
-    torchdyn 1.0.6's ``RungeKutta4`` evaluates its last stage at ``t + dt/2`` instead of
-    ``t + dt`` (first order on time-dependent fields), so ``'rk4'`` is this package's; pass
-    torchdyn's class as a module to measure it anyway."""
+    torchdyn 1.0.6's ``RungeKutta4`` evaluates its stages at ``t, t + dt/2, t + dt/2`` instead
+    of ``t + dt/2, t + dt/2, t + dt`` (first order on time-dependent fields), so ``'rk4'`` is
+    this package's; pass torchdyn's class as a module to measure it anyway."""
     from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
     try:

@@ -343,8 +343,10 @@ def fit(
     return report
 
 
-def _residual_errors(hs: HyperSolver, data: ResidualData, chunk: int = 1024):
-    """Mean |g - R| and mean |R| per mesh, over all the fitting data."""
+def _residual_errors(hs: HyperSolver, data: ResidualData, max_elements: int = 2**22):
+    """Mean |g - R| and mean |R| per mesh, over all the fitting data, a chunk of
+    trajectories at a time (all steps of a chunk hold at most ``max_elements`` numbers)."""
+    chunk = max(1, max_elements // max(1, data.z[:, :1].numel()))
     sums, base = torch.zeros(data.t.shape[0]), torch.zeros(data.t.shape[0])
     with torch.no_grad():
         for start in range(0, len(data), chunk):
