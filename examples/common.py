@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
 from typing import Callable, Iterable, List, Optional
 
+import numpy as np
 import torch
 
 try:  # the examples extra brings tqdm; run without a bar otherwise
@@ -28,7 +30,9 @@ def parser(doc: str, name: str) -> argparse.ArgumentParser:
 
 
 def setup(args) -> torch.device:
-    """Seed everything, create the results folder, return the device."""
+    """Seed everything (torch, numpy, random), create the results folder, return the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)  # torchdyn's toy datasets draw from numpy's global generator
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     return torch.device(args.device)
