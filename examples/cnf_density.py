@@ -616,14 +616,12 @@ def _summary_line(name: str, res: dict) -> str:
 
 
 def main(argv=None):
-    p = parser(__doc__, "cnf_density")
+    p = parser(__doc__, "cnf_density", threads=1)
     p.add_argument("--density", default="pinwheel", choices=[*DENSITIES, "all"], help="which density (or all four)")
     p.add_argument("--iterations", type=int, help="CNF training iterations (overrides the default)")
     p.add_argument("--fit-iterations", type=int, help="hypersolver fitting iterations (overrides the default)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1, see the docstring)")
     args = p.parse_args(argv)
     device = setup(args)
-    torch.set_num_threads(args.threads)
     cfg = dict(CONFIGS["quick" if args.quick else "full"])
     if args.iterations is not None:
         cfg["iterations"] = args.iterations

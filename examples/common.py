@@ -18,13 +18,17 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 
-def parser(doc: str, name: str) -> argparse.ArgumentParser:
-    """``--quick``, ``--device``, ``--out``, ``--seed`` and ``--no-progress``."""
+def parser(doc: str, name: str, threads: Optional[int] = None) -> argparse.ArgumentParser:
+    """``--quick``, ``--device``, ``--out``, ``--seed``, ``--threads`` and ``--no-progress``.
+
+    ``threads``: the default for ``--threads`` (None: torch's own). Tutorials on tiny tensors
+    use 1: on a busy two-core machine a second intra-op thread made small ops 20-40x slower."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a seconds-long run with tiny sizes (used by the tests)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--out", default=os.path.join("results", name), help="folder for figures and tables")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=threads, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -34,6 +38,8 @@ def setup(args) -> torch.device:
     random.seed(args.seed)
     np.random.seed(args.seed)  # torchdyn's toy datasets draw from numpy's global generator
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     return torch.device(args.device)
 

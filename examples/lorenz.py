@@ -202,20 +202,14 @@ def plot_trajectory(f, solvers, z0, nfe: int, tol: float, path: Path, shown=("Hy
 
 
 def main(argv=None):
-    p = parser(__doc__, "lorenz")
+    p = parser(__doc__, "lorenz", threads=1)
     p.add_argument("--iterations", type=int, default=None, help="fitting iterations per hypersolver")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (small tensors: 1 is fastest)")
     args = p.parse_args(argv)
     device = setup(args)
     cfg = dict(QUICK if args.quick else FULL)
     if args.iterations:
         cfg["iterations"] = args.iterations
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        summary = run(args, cfg, device, not args.no_progress)
-    finally:
-        torch.set_num_threads(threads)
+    summary = run(args, cfg, device, not args.no_progress)
     print(f"results: {Path(args.out).resolve()}")
     return summary
 

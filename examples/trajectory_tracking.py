@@ -256,18 +256,12 @@ def plot_tracking(node, hs, z0, nfe: int, tol: float, path: Path) -> str:
 
 
 def main(argv=None):
-    p = parser(__doc__, "trajectory_tracking")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny tensors: 1 is fastest)")
+    p = parser(__doc__, "trajectory_tracking", threads=1)
     args = p.parse_args(argv)
     device = setup(args)
     progress = not args.no_progress
     cfg = QUICK if args.quick else FULL
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        summary = run(args, cfg, device, progress)
-    finally:
-        torch.set_num_threads(threads)
+    summary = run(args, cfg, device, progress)
     print(f"results: {Path(args.out).resolve()}")
     return summary
 
