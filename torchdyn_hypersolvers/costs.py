@@ -8,7 +8,7 @@ import time
 from typing import Callable, Dict, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["CallCounter", "counting_calls", "macs", "median_times"]
@@ -48,7 +48,7 @@ def macs(fn: Callable, *args) -> int:
     return counter.get_total_flops() // 2
 
 
-def _sync(x: Tensor = None) -> None:
+def _sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 

@@ -10,6 +10,7 @@ over time), never a Python loop over steps.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from .harvest import Trajectories
 from .mesh import map_steps, step_times
-from .models import preserved
+from .models import module_device, preserved
 from .reference import reference_solve
 from .solvers import HyperSolver
 from .validity import Validity
@@ -160,15 +161,6 @@ class FitReport:
         )
 
 
-def _module_device(f, default: torch.device) -> torch.device:
-    if isinstance(f, nn.Module):
-        for p in f.parameters():
-            return p.device
-        for b in f.buffers():
-            return b.device
-    return default
-
-
 def _check_compatible(hs: HyperSolver, data: ResidualData) -> None:
     probe = (data.dt[0], data.t[0], data.z[0, :2], data.dz[0, :2])
     try:
@@ -267,7 +259,7 @@ def fit(
     hs.to(device)
     trajectories = trajectories.to(device)
     f = trajectories.f
-    if isinstance(f, nn.Module) and _module_device(f, device) != device:
+    if isinstance(f, nn.Module) and module_device(f, device) != device:
         f = copy.deepcopy(f).to(device)  # the user's model stays where it is
     module = f if isinstance(f, nn.Module) else None
     params = [p for p in hs.parameters() if p.requires_grad]
@@ -312,8 +304,8 @@ def fit(
                     loss = residual_loss(hs, data, index)
                 else:
                     loss = trajectory_loss(hs, trajectories.select(index), f)
-                value = loss.item()
-                if not torch.isfinite(loss):
+                value = loss.item()  # one host sync per iteration, for the check and the history
+                if not math.isfinite(value):
                     raise FitDivergedError(
                         f"the {method} loss became {value} at iteration {i}; g keeps its weights from before it"
                     )

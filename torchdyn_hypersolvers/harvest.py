@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .mesh import check_t_span
-from .models import preserved, resolve_model
+from .models import module_device, preserved, resolve_model
 from .reference import check_reference, reference_solve
 
 __all__ = ["Trajectories", "harvest", "mesh_union"]
@@ -119,13 +119,6 @@ def _batches(inputs, batch_size: int) -> Iterable[Tensor]:
         yield batch
 
 
-def _model_device(module, fallback: torch.device) -> torch.device:
-    try:
-        return next(module.parameters()).device
-    except (AttributeError, StopIteration):
-        return fallback
-
-
 def harvest(
     model,
     inputs,
@@ -176,7 +169,7 @@ def harvest(
     count = 0
     with preserved(module), torch.no_grad():
         for x in _batches(inputs, batch_size):
-            x = x.to(_model_device(module, x.device))
+            x = x.to(module_device(module, x.device))
             z0 = initial_state(x)
             if max_trajectories is not None:
                 z0 = z0[: max_trajectories - count]

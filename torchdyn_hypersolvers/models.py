@@ -6,10 +6,11 @@ import contextlib
 import inspect
 from typing import Callable, Iterator, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 from torchdyn.core import NeuralODE
 
-__all__ = ["resolve_model", "preserved"]
+__all__ = ["resolve_model", "preserved", "module_device"]
 
 
 class _ReachedNeuralODE(Exception):
@@ -54,6 +55,14 @@ def resolve_model(model) -> Tuple[Callable, Callable[[Tensor], Tensor], Optional
     if callable(model):
         return model, _identity, None
     raise TypeError(f"cannot harvest from {type(model).__name__}")
+
+
+def module_device(module, default: torch.device) -> torch.device:
+    """Where a module's parameters (or buffers) live; ``default`` for anything else."""
+    if isinstance(module, nn.Module):
+        for tensor in (*module.parameters(), *module.buffers()):
+            return tensor.device
+    return default
 
 
 def _identity(x: Tensor) -> Tensor:
