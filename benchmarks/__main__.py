@@ -8,10 +8,16 @@ import time
 
 import torch
 
-from . import dominance, fitting, inference, residuals
+from . import dominance, fitting, floor, inference, residuals
 from .common import machine, write_results
 
-SUITES = {"residuals": residuals, "inference": inference, "dominance": dominance, "fitting": fitting}
+SUITES = {
+    "residuals": residuals,
+    "inference": inference,
+    "dominance": dominance,
+    "fitting": fitting,
+    "floor": floor,
+}
 
 
 def main(argv=None) -> None:

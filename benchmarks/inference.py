@@ -77,7 +77,7 @@ def _explicit(g):
     def call(dt, t, z, dz):
         return g(concat_inputs(dt, z, dz))
 
-    call.hypernet_convention = "explicit"
+    call.hypernet_convention = "dt_t_z_dz"
     return call
 
 

@@ -3,6 +3,7 @@ per process (offline, CPU-sized; ``quick`` shrinks everything to seconds)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import resource
 import time
@@ -11,6 +12,7 @@ import warnings
 import torch
 
 from examples import cnf_density, image_classification, quickstart
+from examples import lorenz as lorenz_example
 from torchdyn_hypersolvers import HyperEuler, MLPHyperNet, fit, harvest
 
 warnings.filterwarnings("ignore", message=".*outside where its g was fitted.*")
@@ -45,12 +47,20 @@ def _harvest_and_fit(model, inputs, t_span, steps, hs, iterations, **fit_kwargs)
 
 
 @functools.cache
-def moons(quick: bool):
-    """The quickstart's classifier with a HyperEuler fitted for 4..24 steps."""
+def moons_model(quick: bool):
+    """The quickstart's moons classifier, trained with dopri5 (no hypersolver)."""
     torch.manual_seed(0)
     model, (X_train, _), (X_test, y_test), accuracy = quickstart.train_moons(
         512 if quick else 2048, 40 if quick else 400, "cpu", progress=False
     )
+    return {"model": model, "x_train": X_train, "x": X_test, "y": y_test, "accuracy": accuracy}
+
+
+@functools.cache
+def moons(quick: bool):
+    """The quickstart's classifier with a HyperEuler fitted for 4..24 steps."""
+    m = moons_model(quick)
+    model, X_train, X_test, y_test = m["model"], m["x_train"], m["x"], m["y"]
     hs, cost = _harvest_and_fit(
         model,
         X_train,
@@ -59,28 +69,56 @@ def moons(quick: bool):
         HyperEuler(MLPHyperNet(2, hidden=(32, 32))),
         50 if quick else 3000,
     )
-    return {"model": model, "node": model[0], "x": X_test, "y": y_test, "hs": hs, "fit": cost, "accuracy": accuracy}
+    return {
+        "model": model,
+        "node": model[0],
+        "x": X_test,
+        "y": y_test,
+        "hs": hs,
+        "fit": cost,
+        "accuracy": m["accuracy"],
+    }
 
 
 @functools.cache
-def digits(quick: bool):
-    """The image tutorial's digits classifier with its paper-style HyperEuler."""
+def digits_model(quick: bool):
+    """The image tutorial's digits classifier, trained with dopri5, and a fresh (zero-initialised) g."""
     torch.manual_seed(0)
     (X_train, y_train), (X_test, y_test) = image_classification.load_digits("cpu")
     if quick:
         X_train, y_train, X_test, y_test = X_train[:128], y_train[:128], X_test[:64], y_test[:64]
     model, g = image_classification.build("digits", "cpu")
     image_classification.train_classifier(model, X_train, y_train, epochs=1 if quick else 10, progress=False)
+    return {"model": model, "g": g, "x_train": X_train, "x": X_test, "y": y_test}
+
+
+def digits_hypernet() -> torch.nn.Module:
+    """Another g of the tutorial's architecture (the supplement's PReLU CNN), zero-initialised."""
+    return image_classification.build("digits", "cpu")[1]
+
+
+@functools.cache
+def digits(quick: bool):
+    """The image tutorial's digits classifier with its paper-style HyperEuler."""
+    d = digits_model(quick)
+    model, g, X_train = d["model"], copy.deepcopy(d["g"]), d["x_train"]
     hs, cost = _harvest_and_fit(
         model, X_train, torch.linspace(0, 1, 2), DIGITS_STEPS, HyperEuler(g), 30 if quick else 1500, batch_size=32
     )
-    return {"model": model, "node": model[2], "x": X_test, "y": y_test, "hs": hs, "fit": cost}
+    return {"model": model, "node": model[2], "x": d["x"], "y": d["y"], "hs": hs, "fit": cost}
+
+
+@functools.cache
+def cnf_model(quick: bool):
+    """The CNF tutorial's pinwheel flow: the z-only field that sampling integrates backwards."""
+    vf, _ = cnf_density.train_cnf("pinwheel", iterations=10 if quick else 300, progress=False)
+    return {"vf": vf, "t_span": torch.tensor(cnf_density.BACKWARD)}
 
 
 @functools.cache
 def cnf(quick: bool):
     """The CNF tutorial's pinwheel flow, sampled backwards, with a HyperHeun."""
-    vf, _ = cnf_density.train_cnf("pinwheel", iterations=10 if quick else 300, progress=False)
+    vf = cnf_model(quick)["vf"]
     z1 = cnf_density.sample_base(256 if quick else 1024, torch.Generator().manual_seed(1))
     start = time.perf_counter()
     trajectories = cnf_density.harvest_backward(vf, z1, CNF_STEPS)
@@ -100,3 +138,97 @@ def cnf(quick: bool):
     }
     held_out = cnf_density.sample_base(512, torch.Generator().manual_seed(7))
     return {"vf": vf, "x": held_out, "t_span": torch.tensor(cnf_density.BACKWARD), "hs": hs, "fit": cost}
+
+
+VDP_MU = 3.0
+VDP_T = 2.0
+VDP_BOX = (2.5, 6.0)  # |x| <= 2.5, |y| <= 6: the limit cycle (mu = 3) with a margin
+VDP_SCALE = (3.0, 30.0)  # the true field's scale per coordinate: f = scale * net(z / box)
+
+
+class VanDerPolNODE(torch.nn.Module):
+    """A Neural ODE vector field fitted to van der Pol's, ``f(z) = scale * net(z / box)`` with
+    ``net`` an MLP 2-64-64-2 (tanh), float64. Autonomous: t is ignored."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(2, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 2)
+        )
+        self.register_buffer("box", torch.tensor(VDP_BOX))
+        self.register_buffer("scale", torch.tensor(VDP_SCALE))
+        self.double()
+
+    def forward(self, t, z):
+        return self.scale * self.net(z / self.box)
+
+
+def vanderpol_field(z: torch.Tensor, mu: float = VDP_MU) -> torch.Tensor:
+    """The true van der Pol field ``(y, mu (1 - x^2) y - x)``."""
+    x, y = z[..., :1], z[..., 1:]
+    return torch.cat([y, mu * (1 - x**2) * y - x], -1)
+
+
+@functools.cache
+def vanderpol(quick: bool):
+    """A van der Pol Neural ODE (mu = 3, a relaxation oscillator): the MLP field regressed on the
+    true field over the box (Adam, cosine schedule), run on [0, 2] from states near its limit cycle
+    (dopri5 needs 100-300 NFE there). Initial states: points of the learned field's own limit cycle
+    (after a 10-unit transient from (2, 0)) plus N(0, 0.1^2) noise; fitting and held-out states are
+    disjoint draws."""
+    import torchdiffeq
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    f = VanDerPolNODE()
+    box = f.box
+    optimizer = torch.optim.Adam(f.parameters(), lr=3e-3)
+    steps = 100 if quick else 600
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, 1e-4)
+    for _ in range(steps):
+        z = (2 * torch.rand(512, 2, dtype=torch.float64) - 1) * box
+        loss = ((f(None, z) - vanderpol_field(z)) / f.scale).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    loss = loss.detach()
+    f.requires_grad_(False)
+    f.eval()
+    train_s = time.perf_counter() - start
+    with torch.no_grad():
+        t = torch.linspace(0, 20, 401, dtype=torch.float64)
+        cycle = torchdiffeq.odeint(f, torch.tensor([[2.0, 0.0]], dtype=torch.float64), t, rtol=1e-8, atol=1e-8)
+        cycle = cycle[200:, 0]  # t in [10, 20]: on the limit cycle
+    generator = torch.Generator().manual_seed(3)
+    n_fit, n_test = (32, 32) if quick else (512, 256)
+
+    def draw(n):
+        pick = torch.randint(len(cycle), (n,), generator=generator)
+        return cycle[pick] + 0.1 * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+
+    return {
+        "vf": f,
+        "x_fit": draw(n_fit),
+        "x": draw(n_test),
+        "t_span": torch.tensor([0.0, VDP_T], dtype=torch.float64),
+        "train_s": train_s,
+        "regression_loss": loss.item(),
+    }
+
+
+LORENZ_T = 0.5
+
+
+@functools.cache
+def lorenz(quick: bool):
+    """The Lorenz tutorial's field (float64) on the short horizon [0, 0.5], from its initial draw
+    15 + N(0, I); fitting and held-out states are disjoint draws."""
+    torch.manual_seed(0)
+    n_fit, n_test = (32, 32) if quick else (512, 256)
+    return {
+        "vf": lorenz_example.Lorenz(),
+        "x_fit": lorenz_example.initial_states(n_fit, "cpu"),
+        "x": lorenz_example.initial_states(n_test, "cpu"),
+        "t_span": torch.tensor([0.0, LORENZ_T], dtype=torch.float64),
+    }

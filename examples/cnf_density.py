@@ -35,10 +35,11 @@ was trained, so it is unaffected. ``--quick`` shrinks everything to seconds (use
 ``--threads`` defaults to 1: these are tiny 2-D tensors, and on a busy two-core machine a second
 OpenMP thread made each Jacobian call tens of times slower, not faster.
 
-The classical solvers are the package's ``Heun``, ``Euler``, ``Midpoint`` and ``RK4`` modules, not
-the names ``'rk4'`` etc.: ``pareto`` resolves ``'rk4'`` to torchdyn's ``RungeKutta4``, whose stages
-are evaluated at the wrong times (``t, t + dt/2, t + dt/2`` for k2..k4), which makes it first-order
-on a time-dependent field like this one.
+The classical solvers are the package's ``Heun``, ``Euler``, ``Midpoint`` and ``RK4`` modules (the
+tableaus that the names ``'heun'``, ``'euler'``, ``'midpoint'`` and ``'rk4'`` resolve to in
+``pareto``), labelled by their class names. torchdyn's own ``RungeKutta4`` would not do here: it
+evaluates its stages at the wrong times (``t, t + dt/2, t + dt/2`` for k2..k4), which makes it
+first-order on a time-dependent field like this one.
 
 Outputs in ``--out`` (default ``results/cnf_density``): per density a folder with
 ``samples.png`` (data, dopri5, HyperHeun and Heun from the same noise at a small NFE),
@@ -75,6 +76,7 @@ from torchdyn_hypersolvers import (  # noqa: E402
     pareto,
 )
 from torchdyn_hypersolvers.fit import FitReport  # noqa: E402
+from torchdyn_hypersolvers.plots import _pyplot, plot_pareto  # noqa: E402
 
 __all__ = [
     "DENSITIES",
@@ -94,10 +96,10 @@ __all__ = [
 
 DENSITIES = ("pinwheel", "rings", "checkerboard", "connected_circles")
 CLASSICAL = (Heun, Euler, Midpoint, RK4)
-"""The classical solvers compared with HyperHeun. The package's own classes, all stepping through
-the same tableau code: torchdyn's ``RungeKutta4`` (what the name ``'rk4'`` resolves to in
-``pareto``) evaluates its stages at the wrong times, so it is only first-order on a
-time-dependent field such as a CNF's."""
+"""The classical solvers compared with HyperHeun: the package's own classes (the tableaus that
+``pareto`` also resolves ``'heun'``, ``'euler'``, ``'midpoint'`` and ``'rk4'`` to), all stepping
+through the same tableau code. torchdyn's ``RungeKutta4`` evaluates its stages at the wrong times,
+so it is only first-order on a time-dependent field such as a CNF's."""
 BACKWARD = (1.0, 0.0)
 """Sampling runs from the base (t=1) to the data (t=0)."""
 
@@ -372,7 +374,6 @@ def fit_hyperheun(
         trajectories = harvest_backward(vector_field, z1, steps)
     torch.manual_seed(seed)
     hs = HyperHeun(MLPHyperNet(2, hidden=hidden)).to(device)
-    hs.name = "HyperHeun"  # pareto's row label
     report = fit(
         hs,
         trajectories,
@@ -413,12 +414,13 @@ def sample_error_sweep(
     repeats: int = 5,
 ):
     """``pareto`` on the backward sampling ODE: HyperHeun, Heun, Euler, Midpoint, RK4 at
-    ``steps`` and dopri5 at ``tolerances``, against dopri5 at ``reference_tol``."""
+    ``steps`` and dopri5 at ``tolerances``, against dopri5 at ``reference_tol``. The rows are
+    labelled ``'HyperHeun'``, the classical solvers' class names and ``'dopri5'``."""
     return pareto(
         vector_field,
         z1,
         torch.tensor(BACKWARD, device=z1.device),
-        solvers=[hs, *(solver() for solver in CLASSICAL), "dopri5"],
+        solvers={"HyperHeun": hs, **{solver.__name__: solver() for solver in CLASSICAL}, "dopri5": "dopri5"},
         steps=steps,
         tolerances=tolerances,
         reference="dopri5",
@@ -430,15 +432,6 @@ def sample_error_sweep(
 # ---------------------------------------------------------------------------------------------
 # figures
 # ---------------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_samples(panels: Dict[str, Tensor], path: str, lim: float = 4.5) -> str:
@@ -460,31 +453,17 @@ def plot_samples(panels: Dict[str, Tensor], path: str, lim: float = 4.5) -> str:
     return path
 
 
-def plot_error_vs_nfe(rows, path: str, title: str = "") -> str:
-    """Sample error (mean |z_solver(0) - z_dopri5(0)|) against NFE, one line per solver."""
+def plot_error_vs_nfe(result, path: str, title: str = "") -> str:
+    """Sample error (mean |z_solver(0) - z_dopri5(0)|, pareto's ``terminal_error``) against NFE,
+    one line per solver: :func:`~torchdyn_hypersolvers.plots.plot_pareto` on an axis, with NFE ticks."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
-    for name in dict.fromkeys(r.solver for r in rows):
-        mine = sorted((r for r in rows if r.solver == name), key=lambda r: r.nfe)
-        adaptive = mine[0].kind == "adaptive"
-        ax.plot(
-            [r.nfe for r in mine],
-            [r.terminal_error for r in mine],
-            "--" if adaptive else "-",
-            marker="o",
-            ms=4,
-            lw=2.4 if mine[0].kind == "hyper" else 1.2,
-            label=name,
-        )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(sorted({r.nfe for r in rows}))
+    plot_pareto(result, cost="nfe", error="terminal_error", ax=ax, front=False)
+    ax.set_xticks(sorted({r.nfe for r in result}))
     ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("NFE (evaluations of f)")
     ax.set_ylabel("sample error: mean |z(0) - z_dopri5(0)|")
     ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -557,19 +536,18 @@ def run_density(density: str, cfg: dict, out: str, device, seed: int = 0, progre
         figures = {
             "samples": plot_samples(panels, os.path.join(out, "samples.png")),
             "error_vs_nfe": plot_error_vs_nfe(
-                result.rows, os.path.join(out, "error_vs_nfe.png"), title=f"{density}: sampling t = 1 -> 0"
+                result, os.path.join(out, "error_vs_nfe.png"), title=f"{density}: sampling t = 1 -> 0"
             ),
             **{key: path for key, path in pareto_paths.items() if key.startswith("png")},
         }
 
     sample_error: Dict[str, Dict[str, Optional[float]]] = {}
-    for r in result.rows:
+    for r in result:
         if r.kind != "adaptive":
             sample_error.setdefault(r.solver, {})[str(r.nfe)] = _finite(r.terminal_error)
     fitted = {}
     for n in cfg["steps"]:
-        hh = next(r for r in result.rows if r.solver == "HyperHeun" and r.steps == n)
-        he = next(r for r in result.rows if r.solver == "Heun" and r.steps == n)
+        hh, he = result.row("HyperHeun", steps=n), result.row("Heun", steps=n)
         fitted[str(hh.nfe)] = {
             "steps": n,
             "HyperHeun": _finite(hh.terminal_error),
@@ -595,7 +573,7 @@ def run_density(density: str, cfg: dict, out: str, device, seed: int = 0, progre
         "sample_error_fitted": fitted,
         "dopri5": [
             {"tol": r.tol, "nfe": r.nfe, "sample_error": _finite(r.terminal_error)}
-            for r in result.rows
+            for r in result
             if r.kind == "adaptive"
         ],
         "figures": figures,

@@ -112,7 +112,7 @@ class Standardized(nn.Module):
     dz / dz_std)``. The statistics come from the residual data of the harvested trajectories; g's
     last layer starts at zero, so the hypersolver starts as its base solver."""
 
-    hypernet_convention = "explicit"
+    hypernet_convention = "dt_t_z_dz"
 
     def __init__(self, g: nn.Module, data):
         super().__init__()
@@ -136,15 +136,14 @@ def initial_states(n: int, device) -> torch.Tensor:
 def select_meshes(trajectories: Trajectories, steps) -> Trajectories:
     """The same harvest restricted to the meshes with ``steps`` steps (what ``fit`` iterates over)."""
     tr = trajectories
-    return Trajectories(tr.t, tr.states, {n: tr.meshes[n] for n in steps}, tr.f, tr.reference, tr.atol, tr.rtol)
+    return tr.replace(meshes={n: tr.meshes[n] for n in steps})
 
 
-def fit_hypersolver(cls, name, trajectories, cfg, device, progress, seed):
+def fit_hypersolver(cls, trajectories, cfg, device, progress, seed):
     """Residual-fit a hypersolver with a standardised g on ``trajectories``."""
     probe = cls(MLPHyperNet(3, hidden=(64, 64))).to(device, torch.float64)
     hs = cls(Standardized(MLPHyperNet(3, hidden=(64, 64)), residual_data(probe, trajectories)))
     hs = hs.to(device, torch.float64)
-    hs.name = name
     report = fit(
         hs,
         trajectories,
@@ -225,22 +224,13 @@ def run(args, cfg, device, progress):
             f, x_fit, span, steps=cfg["euler_steps"] + cfg["midpoint_steps"], atol=cfg["tol"], rtol=cfg["tol"]
         )
     he, he_report = fit_hypersolver(
-        HyperEuler, "HyperEuler", select_meshes(trajectories, cfg["euler_steps"]), cfg, device, progress, args.seed
+        HyperEuler, select_meshes(trajectories, cfg["euler_steps"]), cfg, device, progress, args.seed
     )
     hm, hm_report = fit_hypersolver(
-        HyperMidpoint,
-        "HyperMidpoint",
-        select_meshes(trajectories, cfg["midpoint_steps"]),
-        cfg,
-        device,
-        progress,
-        args.seed,
+        HyperMidpoint, select_meshes(trajectories, cfg["midpoint_steps"]), cfg, device, progress, args.seed
     )
 
-    baselines = []
-    for solver, name in ((Euler(), "euler"), (Midpoint(), "midpoint"), (RK4(), "rk4")):
-        solver.name = name
-        baselines.append(solver)
+    baselines = {"euler": Euler(), "midpoint": Midpoint(), "rk4": RK4()}
     with warnings.catch_warnings():
         # each hypersolver also runs at the sweep's other step counts: an extrapolation in dt, on purpose
         warnings.filterwarnings("ignore", message=".*outside where its g was fitted")
@@ -248,7 +238,7 @@ def run(args, cfg, device, progress):
             f,
             x_test,
             span,
-            solvers=[he, hm, *baselines, "dopri5"],
+            solvers={"HyperEuler": he, "HyperMidpoint": hm, **baselines, "dopri5": "dopri5"},
             steps=cfg["sweep_steps"],
             tolerances=cfg["tolerances"],
             reference_tol=cfg["tol"],
@@ -260,9 +250,9 @@ def run(args, cfg, device, progress):
             [
                 ("HyperEuler", he, 1),
                 ("HyperMidpoint", hm, 2),
-                ("Euler", baselines[0], 1),
-                ("Midpoint", baselines[1], 2),
-                ("RK4", baselines[2], 4),
+                ("Euler", baselines["euler"], 1),
+                ("Midpoint", baselines["midpoint"], 2),
+                ("RK4", baselines["rk4"], 4),
             ],
             x_test[:32],
             cfg["figure_nfe"],
@@ -271,7 +261,7 @@ def run(args, cfg, device, progress):
         )
 
     by_nfe = {}
-    for r in result.rows:
+    for r in result:
         if r.kind != "adaptive":
             by_nfe.setdefault(str(r.nfe), {})[r.solver] = finite(r.global_error)
     by_nfe = {nfe: errs for nfe, errs in by_nfe.items() if len(errs) > 1}
@@ -282,7 +272,7 @@ def run(args, cfg, device, progress):
             "terminal_error": finite(r.terminal_error),
             "global_error": finite(r.global_error),
         }
-        for r in result.rows
+        for r in result
         if r.kind == "adaptive" or r.nfe == cfg["figure_nfe"]
     }
     summary = {
@@ -310,7 +300,7 @@ def run(args, cfg, device, progress):
     for nfe in sorted(by_nfe, key=int):
         errs = sorted(by_nfe[nfe].items(), key=lambda kv: math.inf if kv[1] is None else kv[1])
         print(f"  NFE {nfe}: " + ", ".join(f"{k} {'diverged' if v is None else f'{v:.3g}'}" for k, v in errs))
-    for r in result.rows:
+    for r in result:
         if r.kind == "adaptive":
             print(f"  dopri5 tol {r.tol:g}: NFE {r.nfe}, terminal error {r.terminal_error:.3g}")
     return summary

@@ -73,7 +73,6 @@ def main(argv=None):
         repeats=3 if args.quick else 7,
     )
     paths = result.save(args.out)
-    by = {(r.solver, r.steps): r for r in result.rows}
     summary = {
         "dopri5_test_accuracy": accuracy,
         "train_s": t_train.seconds,
@@ -81,8 +80,7 @@ def main(argv=None):
         "fit_s": report.wall_time,
         "fit": report.summary(),
         "held_out_terminal_error": {
-            str(n): {"HyperEuler": by[("HyperEuler", n)].terminal_error, "euler": by[("euler", n)].terminal_error}
-            for n in STEPS
+            str(n): {name: result.row(name, steps=n).terminal_error for name in ("HyperEuler", "euler")} for n in STEPS
         },
         "paths": paths,
     }
@@ -93,7 +91,7 @@ def main(argv=None):
         f"fit {report.wall_time:.1f} s"
     )
     for n in STEPS:
-        h, e = by[("HyperEuler", n)].terminal_error, by[("euler", n)].terminal_error
+        h, e = result.row("HyperEuler", steps=n).terminal_error, result.row("euler", steps=n).terminal_error
         print(f"{n:>2} steps: terminal error HyperEuler {h:.3g} vs Euler {e:.3g} ({e / h:.0f}x smaller)")
     print(f"results: {Path(args.out).resolve()}")
 

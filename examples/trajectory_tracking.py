@@ -131,7 +131,7 @@ class DepthHyperNet(nn.Module):
     model, removes a much smaller share of it. The last layer starts at zero: an unfitted
     HyperEuler is Euler."""
 
-    hypernet_convention = "explicit"
+    hypernet_convention = "dt_t_z_dz"
 
     def __init__(self, state_dim: int, hidden=(64, 64, 64), harmonics: int = 4):
         super().__init__()
@@ -195,29 +195,15 @@ def vmap_check(node: NeuralODE, f: nn.Module, cfg: dict, z: torch.Tensor) -> dic
 
 
 def plot_global_error(result, path: Path) -> str:
-    """Fig. 8: mean global truncation error against NFE, the 10-25 NFE band shaded."""
-    from torchdyn_hypersolvers.plots import _pyplot
+    """Fig. 8: mean global truncation error against NFE (``plot_pareto`` on an axis), the
+    10-25 NFE band shaded."""
+    from torchdyn_hypersolvers.plots import _pyplot, plot_pareto
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.axvspan(*BAND, color="0.9", zorder=0, label=f"{BAND[0]}-{BAND[1]} NFE")
-    for name in dict.fromkeys(r.solver for r in result.rows):
-        rows = sorted((r for r in result.rows if r.solver == name), key=lambda r: r.nfe)
-        hyper = rows[0].kind == "hyper"
-        ax.plot(
-            [r.nfe for r in rows],
-            [r.global_error for r in rows],
-            marker="o",
-            ms=4,
-            lw=2.4 if hyper else 1.2,
-            label=name,
-        )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE (evaluations of f)")
-    ax.set_ylabel("mean global truncation error")
+    plot_pareto(result, cost="nfe", error="global_error", ax=ax, front=False)
     ax.set_title("trajectory tracking: held-out initial states")
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -290,7 +276,6 @@ def run(args, cfg, device, progress):
     vmap = vmap_check(node, f, cfg, x_fit[:8])
 
     hs = HyperEuler(DepthHyperNet(1, hidden=(64, 64, 64))).to(device)
-    hs.name = "HyperEuler"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         report = fit(
@@ -306,17 +291,14 @@ def run(args, cfg, device, progress):
     fallback = [str(w.message) for w in caught if "could not vectorise" in str(w.message)]
     vmap["package_fit"] = "loop fallback (RuntimeWarning)" if fallback else "vectorised (or warned earlier)"
 
-    baselines = []
-    for solver, name in ((Euler(), "euler"), (Midpoint(), "midpoint"), (RK4(), "rk4")):
-        solver.name = name  # the package's solvers: exact stage times on a depth-variant f
-        baselines.append(solver)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*outside where its g was fitted")  # 3-8 steps: extrapolation
         result = pareto(
             node,
             x_test,
             span,
-            solvers=[hs, *baselines],
+            # the package's solvers: exact stage times on a depth-variant f
+            solvers={"HyperEuler": hs, "euler": Euler(), "midpoint": Midpoint(), "rk4": RK4()},
             steps=cfg["sweep_steps"],
             reference_tol=cfg["tol"],
             repeats=cfg["repeats"],
@@ -326,7 +308,7 @@ def run(args, cfg, device, progress):
     paths["tracking"] = plot_tracking(node, hs, x_test[:5], 10, cfg["tol"], out / "tracking.png")
 
     band = {}
-    for r in result.rows:
+    for r in result:
         if BAND[0] <= r.nfe <= BAND[1]:
             band.setdefault(str(r.nfe), {})[r.solver] = r.global_error
     shared = {nfe: errs for nfe, errs in band.items() if len(errs) > 1}
@@ -349,7 +331,7 @@ def run(args, cfg, device, progress):
         "hypereuler_best_at_nfe": wins,
         "rows": [
             {"solver": r.solver, "steps": r.steps, "nfe": r.nfe, "global_error": r.global_error, "wall_ms": r.wall_ms}
-            for r in result.rows
+            for r in result
         ],
         "paths": paths,
     }

@@ -1,14 +1,18 @@
 import json
+import math
 import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SUITES = ("residuals", "inference", "dominance", "fitting")  # the floor suite has its own test below
 
 
 def test_benchmarks_quick_mode_writes_every_field(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path), "--only", *SUITES],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -18,7 +22,7 @@ def test_benchmarks_quick_mode_writes_every_field(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert {"cpu", "cores", "torch", "gpu"} <= set(results["machine"])
     suites = results["suites"]
-    assert set(suites) == {"residuals", "inference", "dominance", "fitting"}
+    assert set(suites) == set(SUITES)
     for row in suites["residuals"]["residuals"]:
         assert {"batch", "steps", "seed_loop_ms", "vectorised_ms", "flat_lower_bound_ms", "speedup"} <= set(row)
     for row in suites["inference"]["b1_loop_overhead"]:
@@ -43,3 +47,174 @@ def test_benchmarks_quick_mode_writes_every_field(tmp_path):
     markdown = (tmp_path / "results.md").read_text()
     for title in ("B1 loop overhead", "B2 digits", "B3 CNF", "B4 Pareto dominance", "B5 fitting cost"):
         assert title in markdown
+    check_values(suites, markdown)
+
+
+def test_floor_suite_quick_output_is_self_consistent(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "floor", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["suites"]) == {"floor"}
+    check_floor(results["suites"]["floor"], (tmp_path / "results.md").read_text())
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def check_values(suites, markdown):
+    """The numbers, not only the keys: positive, consistent with each other and with the table."""
+    fitting = {r["workload"]: r for r in suites["fitting"]["rows"]}
+    assert set(fitting) == {"2-D moons", "digits", "CNF pinwheel"}
+    digits_steps, cnf_steps = fitting["digits"]["meshes"], fitting["CNF pinwheel"]["meshes"]  # what g was fitted for
+    for row in suites["residuals"]["residuals"]:
+        assert row["steps"] == 50 and row["batch"] == 16
+        assert all(positive(row[k]) for k in ("seed_loop_ms", "vectorised_ms", "flat_lower_bound_ms")), row
+        assert row["speedup"] == pytest.approx(row["seed_loop_ms"] / row["vectorised_ms"], rel=1e-9)
+        assert (
+            f"| {row['batch']} | {row['seed_loop_ms']:.2f} | {row['vectorised_ms']:.2f} | {row['speedup']:.1f}x"
+            in markdown
+        )
+
+    for row in suites["inference"]["b1_loop_overhead"]:
+        plain, fast, odeint = (row[f"{k}_us_per_step"] for k in ("plain_loop", "fast_path", "torchdyn_odeint"))
+        assert row["steps"] == 20 and all(positive(x) for x in (plain, fast, odeint)), row
+        assert row["fast_over_plain"] == pytest.approx(fast / plain, rel=1e-9)
+        assert row["torchdyn_over_fast"] == pytest.approx(odeint / fast, rel=1e-9)
+
+    def check_smallest(by_nfe, smallest, reaches):
+        """``smallest_nfe``: the first NFE whose quality reaches the target, or None when none does."""
+        reached = [n for n in sorted(by_nfe) if reaches(by_nfe[n])]
+        assert smallest == (reached[0] if reached else None), (by_nfe, smallest)
+
+    b2 = suites["inference"]["b2_digits"]
+    accuracy = {int(n): a for n, a in b2["hypereuler_accuracy_by_nfe"].items()}
+    assert sorted(accuracy) == digits_steps
+    assert all(0 <= a <= 100 for a in [*accuracy.values(), b2["dopri5_1e-4_accuracy"]])
+    check_smallest(accuracy, b2["smallest_nfe"], lambda a: a >= b2["dopri5_1e-4_accuracy"])
+
+    b3 = suites["inference"]["b3_cnf"]
+    sample_error = {int(n): e for n, e in b3["hyperheun_sample_error_by_nfe"].items()}
+    assert sorted(sample_error) == [2 * n for n in cnf_steps]
+    assert all(positive(e) for e in [*sample_error.values(), b3["dopri5_1e-4_sample_error"]])
+    check_smallest(sample_error, b3["smallest_nfe"], lambda e: e <= b3["dopri5_1e-4_sample_error"])
+    # a second-order solver: 6x the steps makes the error much smaller, fitted or not
+    assert sample_error[max(sample_error)] < 0.5 * sample_error[min(sample_error)], sample_error
+    for row in (b2, b3):
+        if row["smallest_nfe"] is not None:
+            fast = next(k for k in row if k.endswith("_ms") and "dopri5" not in k)
+            assert row["speedup_vs_torchdyn"] == pytest.approx(row["torchdyn_dopri5_ms"] / row[fast], rel=1e-9)
+            assert row["speedup_vs_torchdiffeq"] == pytest.approx(row["torchdiffeq_dopri5_ms"] / row[fast], rel=1e-9)
+
+    workloads = {w["workload"]: w for w in suites["dominance"]["workloads"]}
+    assert {w: workloads[w]["hypersolver"] for w in workloads} == {
+        "2-D moons": "HyperEuler",
+        "digits": "HyperEuler",
+        "CNF pinwheel (sampling)": "HyperHeun",
+    }
+    for w in workloads.values():
+        for r in w["rows"]:
+            assert r["best_classical"] in {"euler", "midpoint", "heun", "rk4"}
+            assert positive(r["hyper"]) and positive(r["best"]), r
+            assert r["ratio"] == pytest.approx(r["hyper"] / r["best"], rel=1e-9)
+        assert w["goal_met"] == all(r["ratio"] <= 0.5 for r in w["rows"])
+        cells = " | ".join(f"{r['ratio']:.2f} ({r['best_classical']})" for r in w["rows"])
+        assert f"| {w['workload']} ({w['hypersolver']}) | {cells} |" in markdown
+    # the same HyperHeun on the same held-out noise: B4's terminal error is B3's sample error
+    for r in workloads["CNF pinwheel (sampling)"]["rows"]:
+        assert r["hyper"] == pytest.approx(sample_error[r["nfe"]], rel=1e-3), (r, sample_error)
+
+    for r in fitting.values():
+        assert r["trajectories"] > 0 and positive(r["trajectory_mb"]) and positive(r["fit_s"]), r
+        assert r["total_s"] == pytest.approx(r["harvest_s"] + r["fit_s"], rel=1e-9)
+
+
+def is_quotient(ratio, a, b):
+    """``ratio`` is a / b as the suite computes it: None where either is missing (diverged) or b is 0."""
+    if a is None or not b:
+        return ratio is None
+    return ratio == pytest.approx(a / b, rel=1e-9)
+
+
+def check_floor(floor, markdown):
+    """The floor suite (issue 13's P1 / P4): every ratio is the quotient of the errors it reports,
+    every winner is the smallest error of its kind, every goal flag follows from its rows, and the
+    tables print what the JSON holds. No accuracy or timing thresholds: those live in the benchmarks."""
+    nfe = floor["nfe"]
+    assert nfe == [4, 8, 12, 16, 24, 32]
+    goals = floor["goals"]
+    for title in ("F1 accuracy floor", "F2 the same at equal wall-clock", "F3 P4", "F4 HyperRK4 / RK4", "F5 harvest"):
+        assert title in markdown
+    names = [w["workload"] for w in floor["workloads"]]
+    assert len(names) == 5 and names[:3] == ["2-D moons", "digits", "CNF pinwheel (sampling)"]
+    assert names[3].startswith("van der Pol") and names[4].startswith("Lorenz")
+
+    def within(value, goal):
+        return value is not None and value <= goal
+
+    for w in floor["workloads"]:
+        fits = {f["hypersolver"]: f for f in w["fits"]}
+        assert list(fits)[0] == "HyperEuler" and list(fits)[2] == "HyperRK4"
+        assert list(fits)[1] in {"HyperMidpoint", "HyperHeun"}
+        for f in fits.values():
+            assert f["meshes"] == [n // f["stages"] for n in nfe if n % f["stages"] == 0]
+            assert [r["steps"] for r in f["floor"]] == f["meshes"]
+            assert f["dtype"] in {w["dtype"], "float64"} and positive(f["tolerance"])
+            assert f["trajectories"] == w["fit_trajectories"]
+            assert positive(f["fit_s"]) and positive(f["harvest_s"]), f
+            for r in f["floor"]:
+                assert r["nfe"] == r["steps"] * f["stages"]
+                assert is_quotient(r["floor"], r["g_error"], r["residual_mean"]), r
+            assert f["floor_goal_met"] == all(within(r["floor"], goals["p4"]) for r in f["floor"])
+            assert f["noise_goal_met"] == all(within(r["target_noise"], goals["noise"]) for r in f["floor"])
+        assert w["floor_goal_met"] == all(f["floor_goal_met"] for f in fits.values())
+        assert w["harvest_and_fit_s"] >= sum(f["harvest_s"] + f["fit_s"] for f in fits.values())
+
+        assert [r["nfe"] for r in w["p1"]] == nfe
+        for r in w["p1"]:
+            assert r["classical"] in {"euler", "midpoint", "heun", "rk4"}
+            if r["hypersolver"] is None:  # every hypersolver diverged at this NFE
+                assert r["hyper_error"] is None and r["ratio"] is None
+            else:
+                assert r["nfe"] % fits[r["hypersolver"]]["stages"] == 0
+            assert is_quotient(r["ratio"], r["hyper_error"], r["classical_error"]), r
+        assert w["p1_goal_met"] == all(within(r["ratio"], goals["p1"]) for r in w["p1"])
+
+        for r, p in zip(w["wall"], w["p1"]):
+            assert r["nfe"] == p["nfe"] and positive(r["budget_ms"])
+            assert r["classical_error"] <= p["classical_error"]  # the P1 winner itself fits its own budget
+            assert r["classical_ms"] <= r["budget_ms"]
+            if r["hyper_ms"] is not None:
+                assert r["hyper_ms"] <= r["budget_ms"]
+            assert is_quotient(r["ratio"], r["hyper_error"], r["classical_error"]), r
+        assert w["wall_front_met"] == all(within(r["ratio"], 1.0) for r in w["wall"])
+
+        assert [r["steps"] for r in w["hyperrk4_vs_rk4"]] == fits["HyperRK4"]["meshes"]
+        for r in w["hyperrk4_vs_rk4"]:
+            assert is_quotient(r["ratio"], r["hyper_error"], r["rk4_error"]), r
+            # the same run as in P1: RK4 at n steps is a classical candidate at NFE 4n
+            p = next(p for p in w["p1"] if p["nfe"] == r["nfe"])
+            if r["rk4_error"] is not None:
+                assert p["classical_error"] <= r["rk4_error"]
+        assert w["hyperrk4_never_worse"] == all(within(r["ratio"], 1.0) for r in w["hyperrk4_vs_rk4"])
+
+        def num(x, fmt):
+            return "diverged" if x is None else format(x, fmt)
+
+        p1_cells = [
+            f"{num(r['ratio'], '.2f')} ({(r['hypersolver'] or '-').replace('Hyper', 'H')} vs {r['classical']})"
+            for r in w["p1"]
+        ]
+        assert f"| {w['workload']} | " + " | ".join(p1_cells) + f" | {w['p1_goal_met']} |" in markdown
+        errors = [f"{num(r['hyper_error'], '.3g')} / {num(r['classical_error'], '.3g')}" for r in w["p1"]]
+        assert f"| {w['workload']} | " + " | ".join(errors) + " |" in markdown
+        rk4_cells = [num(r["ratio"], ".3g") for r in w["hyperrk4_vs_rk4"]]
+        assert f"| {w['workload']} | " + " | ".join(rk4_cells) + f" | {w['hyperrk4_never_worse']} |" in markdown
+        for f in fits.values():
+            assert f"| {w['workload']} | {f['hypersolver']} | {f['tolerance']:g} {f['dtype']} | " in markdown

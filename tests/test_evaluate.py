@@ -179,3 +179,101 @@ def test_rk4_by_name_is_fourth_order_on_time_dependent_fields():
     f = lambda t, z: t**3 * torch.ones_like(z)  # noqa: E731
     result = pareto(f, torch.zeros(4, 1), torch.tensor([0.0, 1.0]), solvers=["rk4"], steps=[1], timing=False)
     assert result.rows[0].terminal_error < 1e-5
+
+
+def _labelled_sweep():
+    hs = HyperEuler(MLPHyperNet(2, hidden=(8,)))
+    return pareto(
+        lambda t, z: -z,
+        torch.randn(4, 2),
+        SPAN,
+        solvers={"mine": hs, "Euler": "euler", "RK4": "rk4", "adaptive": "dopri5"},
+        steps=[2, 4],
+        tolerances=[1e-2, 1e-3],
+        timing=False,
+    )
+
+
+def test_dict_labels_name_rows_and_row_looks_them_up():
+    result = _labelled_sweep()
+    assert result.solvers == ["mine", "Euler", "RK4", "adaptive"]
+    assert len(result) == len(result.rows) == 8 and list(result) == result.rows
+    mine, euler = result.row("mine", steps=4), result.row("Euler", steps=4)
+    assert (mine.kind, mine.steps, mine.nfe, mine.g_calls) == ("hyper", 4, 4, 4)
+    assert (euler.kind, euler.nfe, euler.g_calls) == ("fixed", 4, 0)
+    # an unfitted g: the hypersolver is Euler, to the error; Euler's error on z' = -z is hand-computable
+    assert mine.terminal_error == pytest.approx(euler.terminal_error, rel=1e-5)
+    assert result.row("RK4", 2).nfe == 8 and result.row("RK4", 2).terminal_error < euler.terminal_error
+    tight = result.row("adaptive", tol=1e-3)
+    assert tight.kind == "adaptive" and tight.steps is None and tight.tol == 1e-3
+    assert tight is not result.row("adaptive", tol=1e-2)
+
+
+def test_row_names_what_exists_when_absent_or_ambiguous():
+    result = _labelled_sweep()
+    with pytest.raises(KeyError, match=r"no rows for solver 'euler'.*'mine', 'Euler', 'RK4', 'adaptive'"):
+        result.row("euler", steps=4)
+    with pytest.raises(KeyError, match=r"'Euler' has no row with steps=3; its rows: steps=2, steps=4"):
+        result.row("Euler", steps=3)
+    with pytest.raises(KeyError, match=r"no row with tol=1e-05; its rows: tol=0.01, tol=0.001"):
+        result.row("adaptive", tol=1e-5)
+    with pytest.raises(ValueError, match=r"'RK4' has 2 rows \(steps=2, steps=4\): pass steps= or tol="):
+        result.row("RK4")
+
+
+def test_list_labels_a_declared_name_or_the_class_and_refuses_repeats():
+    named = HyperEuler(MLPHyperNet(2, hidden=(8,)))
+    named.name = "declared"
+    result = pareto(
+        lambda t, z: -z,
+        torch.randn(4, 2),
+        SPAN,
+        solvers=[named, HyperMidpoint(MLPHyperNet(2, hidden=(8,))), "euler"],
+        steps=[2],
+        timing=False,
+    )
+    assert [r.solver for r in result] == ["declared", "HyperMidpoint", "euler"]
+    assert result.row("HyperMidpoint").nfe == 4
+    with pytest.raises(ValueError, match=r"several solvers are labelled 'HyperEuler'"):
+        pareto(
+            lambda t, z: -z,
+            torch.randn(4, 2),
+            SPAN,
+            solvers=[HyperEuler(MLPHyperNet(2)), HyperEuler(MLPHyperNet(2))],
+            steps=[2],
+            timing=False,
+        )
+
+
+def test_plot_pareto_draws_into_a_given_axis(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from torchdyn_hypersolvers.plots import plot_pareto
+
+    result = _labelled_sweep()
+    fig, (left, right) = plt.subplots(1, 2)
+    try:
+        assert plot_pareto(result, ax=left) is left
+        # one line per solver, each through that solver's (cost, error) points, plus the front
+        lines = {line.get_label(): line for line in left.get_lines()}
+        assert set(lines) == {"mine", "Euler", "RK4", "adaptive", "Pareto front"}
+        rk4 = [result.row("RK4", n) for n in (2, 4)]
+        assert list(lines["RK4"].get_xdata()) == [r.nfe for r in rk4]
+        assert list(lines["RK4"].get_ydata()) == pytest.approx([r.terminal_mape for r in rk4])
+        front = [r for r in result if r.pareto_nfe]
+        assert len(lines["Pareto front"].get_xdata()) == len(front) > 0
+        assert left.get_xscale() == "log" and left.get_ylabel() == "terminal MAPE (%)"
+        # another column; adaptive rows (no global error) are left out; nothing is saved
+        plot_pareto(result, cost="macs", error="global_error", ax=right, front=False)
+        assert {line.get_label() for line in right.get_lines()} == {"mine", "Euler", "RK4"}
+        assert not list(tmp_path.iterdir())
+        # with a path as well, the axis' figure is saved there
+        path = plot_pareto(result, tmp_path / "both.png", ax=left)
+        assert path == str(tmp_path / "both.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    finally:
+        plt.close(fig)
+    with pytest.raises(ValueError, match="a path to save to or an ax"):
+        plot_pareto(result)

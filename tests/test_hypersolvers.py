@@ -13,6 +13,7 @@ from torchdyn.numerics import odeint
 from torchdyn_hypersolvers import (
     RK4_TABLEAU,
     ConvHyperNet,
+    Euler,
     FixedStepSolver,
     HyperAlpha,
     HyperEuler,
@@ -111,9 +112,9 @@ def test_three_g_conventions_give_the_documented_step():
     expected = {
         "concat": concat(torch.cat([z, f(z), dt.expand(6, 1)], 1)),
         "tx": tx(t, z),
-        "explicit": explicit(dt, t, z, f(z)),
+        "dt_t_z_dz": explicit(dt, t, z, f(z)),
     }
-    for name, g in [("concat", concat), ("tx", tx), ("explicit", explicit)]:
+    for name, g in [("concat", concat), ("tx", tx), ("dt_t_z_dz", explicit)]:
         hs = HyperEuler(g)
         assert hs.convention == name
         _, z1, _ = hs.step(vf, z, t, dt)
@@ -152,8 +153,19 @@ def test_concat_convention_on_images_like_the_paper():
     f = nn.Conv2d(c, c, 3, padding=1)
     g = nn.Sequential(nn.Conv2d(c + c + 1, 8, 3, padding=1), nn.PReLU(), nn.Conv2d(8, c, 3, padding=1))
     model = NeuralODE(f, solver=HyperEuler(g))
-    _, traj = model(torch.randn(2, c, 5, 5), torch.linspace(0, 1, 4))
+    x = torch.randn(2, c, 5, 5)
+    _, traj = model(x, torch.linspace(0, 1, 4))
     assert traj.shape == (4, 2, c, 5, 5)
+    # by hand: z <- z + dt f(z) + dt^2 g(cat[z, f(z), dt]) along the channels, dt a constant channel
+    dt, z, euler = 1 / 3, x, x
+    with torch.no_grad():
+        for k in range(3):
+            dz = f(z)
+            z = z + dt * dz + dt**2 * g(torch.cat([z, dz, torch.full_like(z[:, :1], dt)], 1))
+            euler = euler + dt * f(euler)
+            torch.testing.assert_close(traj[k + 1], z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traj[0], x)
+    assert (traj[-1] - euler).abs().max() > 1e-3  # g's correction is there, and it is not Euler
 
 
 def test_odeint_save_at_and_trajectory():
@@ -167,7 +179,7 @@ def test_odeint_save_at_and_trajectory():
     torch.testing.assert_close(model.trajectory(x, t_span), full)
 
 
-def test_adjoint_with_classical_solver_adjoint_and_clear_error_without():
+def test_adjoint_with_classical_solver_adjoint_and_base_solver_without():
     f = small_mlp()
     x, t_span = torch.randn(4, 2), torch.linspace(0, 1, 5)
     model = NeuralODE(f, solver=HyperEuler(_perturb(MLPHyperNet(2))), sensitivity="adjoint", solver_adjoint="dopri5")
@@ -175,10 +187,24 @@ def test_adjoint_with_classical_solver_adjoint_and_clear_error_without():
     traj[-1].sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in f.parameters())
 
-    bad = NeuralODE(f, solver=HyperEuler(_perturb(MLPHyperNet(2))), sensitivity="adjoint")
-    _, traj = bad(x, t_span)
-    with pytest.raises(ValueError, match="solver_adjoint"):
-        traj[-1].sum().backward()
+    # issue 12: without solver_adjoint, torchdyn hands the flattened adjoint state to the hypersolver,
+    # which solves it with its base solver and no correction, and says so (once per solver)
+    g = _perturb(MLPHyperNet(2))
+    grads = []
+    for solver_adjoint in (None, Euler()):
+        f.zero_grad()
+        node = NeuralODE(f, solver=HyperEuler(g), sensitivity="adjoint")
+        if solver_adjoint is not None:
+            node.solver_adjoint = solver_adjoint
+        _, traj = node(x, t_span)
+        if solver_adjoint is None:
+            with pytest.warns(UserWarning, match="adjoint.*base solver"):
+                traj[-1].sum().backward()
+        else:
+            traj[-1].sum().backward()
+        grads.append([p.grad.clone() for p in f.parameters()])
+    for got, ref in zip(*grads):
+        assert torch.equal(got, ref)
 
 
 def test_vectorised_residuals_match_the_per_step_definition():

@@ -132,7 +132,7 @@ def test_file_holds_the_model_card_as_plain_data(fitted):
         "module": "torchdyn_hypersolvers.hypernets",
         "config": {"state_dim": 2, "hidden": [16, 16], "activation": "silu"},
     }
-    assert blob["convention"] == "explicit" and blob["solver"] == "HyperEuler"
+    assert blob["convention"] == "dt_t_z_dz" and blob["solver"] == "HyperEuler"
     meta = blob["trajectories"]
     assert meta["steps"] == [5, 10] and meta["state_shape"] == [2] and meta["count"] == 32
     assert torch.equal(meta["t"], trajectories.t) and meta["reference"] == trajectories.reference
@@ -175,7 +175,6 @@ def test_validity_warning_once_per_solve_outside_and_quiet_inside(fitted):
         for steps in (5, 10, 8):  # dt 0.2, 0.1, 0.125: inside
             model(x, torch.linspace(0, 1, steps + 1))
             hs.solve(field, x, torch.linspace(0, 1, steps + 1))
-            odeint(field, x, torch.linspace(1, 0, steps + 1), solver=hs)  # backwards: |dt| counts
         hs.solve(field, x, torch.linspace(0, 0.2 * 1.04 * 3, 4))  # 4% beyond dt_max: within tolerance
         hs.solve(field, torch.randn(50, 2), torch.linspace(0, 1, 6))  # another batch size
         hs.solve(field, x, torch.linspace(0, 1, 41), correct=False)  # the base solver is not g

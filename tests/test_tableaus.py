@@ -23,7 +23,7 @@ from torchdyn_hypersolvers import (
     alpha_tableau,
     rk_increment,
 )
-from torchdyn_hypersolvers.tableaus import get_tableau
+from torchdyn_hypersolvers.names import resolve_base
 
 BASES = [EULER, MIDPOINT, HEUN, RALSTON, RK4_TABLEAU]
 
@@ -118,4 +118,4 @@ def test_bad_tableaus_and_names():
     with pytest.raises(ValueError, match="alpha > 0"):
         alpha_tableau(0.0)
     with pytest.raises(ValueError, match="unknown base solver 'rk45'.*euler"):
-        get_tableau("rk45")
+        resolve_base("rk45")

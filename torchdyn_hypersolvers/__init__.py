@@ -1,14 +1,20 @@
-"""Hypersolvers for torchdyn: fast, learned fixed-step solvers for Neural ODEs."""
+"""Hypersolvers for torchdyn: fast, learned fixed-step solvers for Neural ODEs.
 
-from .evaluate import ParetoResult, ParetoRow, generalization, pareto
+The public API is what ``__all__`` lists. Tableaus and the generic step live in
+:mod:`.tableaus`, error metrics in :mod:`.metrics`, the naming rule in :mod:`.names`.
+"""
+
+import importlib
+import warnings
+
+from ._version import __version__
+from .evaluate import ParetoResult, generalization, pareto
 from .fit import Adversarial, FitDivergedError, FitReport, fit
 from .harvest import Trajectories, harvest
 from .hypernets import ConvHyperNet, MLPHyperNet
 from .io import load, save
-from .metrics import absolute_error, global_truncation_error, pareto_front, task_decrement, terminal_mape
-from .plots import plot_mesh_error, plot_pareto
-from .reference import REFERENCE_SOLVERS
-from .registry import register, registered, unregister
+from .plots import plot_pareto
+from .registry import register
 from .solvers import (
     RK4,
     Alpha,
@@ -21,14 +27,12 @@ from .solvers import (
     HyperMidpoint,
     HyperRalston,
     HyperRK4,
+    HyperRungeKutta4,
     HyperSolver,
     Midpoint,
     Ralston,
 )
-from .tableaus import EULER, HEUN, MIDPOINT, RALSTON, ButcherTableau, alpha_tableau, rk_increment
-from .tableaus import RK4 as RK4_TABLEAU
-
-__version__ = "0.1.0"
+from .tableaus import ButcherTableau
 
 __all__ = [
     "HyperSolver",
@@ -37,6 +41,7 @@ __all__ = [
     "HyperHeun",
     "HyperRalston",
     "HyperRK4",
+    "HyperRungeKutta4",
     "HyperAlpha",
     "FixedStepSolver",
     "Euler",
@@ -46,18 +51,10 @@ __all__ = [
     "RK4",
     "Alpha",
     "ButcherTableau",
-    "EULER",
-    "MIDPOINT",
-    "HEUN",
-    "RALSTON",
-    "RK4_TABLEAU",
-    "alpha_tableau",
-    "rk_increment",
     "MLPHyperNet",
     "ConvHyperNet",
     "harvest",
     "Trajectories",
-    "REFERENCE_SOLVERS",
     "fit",
     "FitReport",
     "Adversarial",
@@ -65,18 +62,43 @@ __all__ = [
     "save",
     "load",
     "pareto",
-    "generalization",
     "ParetoResult",
-    "ParetoRow",
-    "terminal_mape",
-    "absolute_error",
-    "global_truncation_error",
-    "task_decrement",
-    "pareto_front",
+    "generalization",
     "plot_pareto",
-    "plot_mesh_error",
     "register",
-    "unregister",
-    "registered",
     "__version__",
 ]
+
+# Names importable from the top level before 0.2, now in the module that owns them.
+_MOVED = {
+    "EULER": ("tableaus", "EULER"),
+    "MIDPOINT": ("tableaus", "MIDPOINT"),
+    "HEUN": ("tableaus", "HEUN"),
+    "RALSTON": ("tableaus", "RALSTON"),
+    "RK4_TABLEAU": ("tableaus", "RK4"),
+    "alpha_tableau": ("tableaus", "alpha_tableau"),
+    "rk_increment": ("tableaus", "rk_increment"),
+    "REFERENCE_SOLVERS": ("names", "ADAPTIVE_SOLVERS"),
+    "ParetoRow": ("evaluate", "ParetoRow"),
+    "terminal_mape": ("metrics", "terminal_mape"),
+    "absolute_error": ("metrics", "absolute_error"),
+    "global_truncation_error": ("metrics", "global_truncation_error"),
+    "task_decrement": ("metrics", "task_decrement"),
+    "pareto_front": ("metrics", "pareto_front"),
+    "plot_mesh_error": ("plots", "plot_mesh_error"),
+    "unregister": ("registry", "unregister"),
+    "registered": ("registry", "registered"),
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        module, attr = _MOVED[name]
+        warnings.warn(
+            f"torchdyn_hypersolvers.{name} moved to torchdyn_hypersolvers.{module}.{attr}; "
+            "the top-level name will be removed in a future version",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

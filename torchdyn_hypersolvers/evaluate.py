@@ -11,30 +11,32 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torchdyn.core import NeuralODE
 
 from .costs import CallCounter, counting_calls, macs, median_times
-from .harvest import mesh_union
-from .mesh import check_t_span
+from .loop import fixed_solve
+from .mesh import check_t_span, mesh_union
 from .metrics import global_truncation_error, pareto_front, task_decrement, terminal_mape
-from .models import preserved, resolve_model
-from .reference import REFERENCE_SOLVERS, check_reference, reference_solve
-from .solvers import FixedStepSolver, HyperSolver, fixed_solve
+from .names import resolve_adaptive, resolve_solver
+from .reference import reference_solve
+from .solvers import HyperSolver
+from .user_model import preserved, resolve_model
 
-__all__ = ["ParetoRow", "ParetoResult", "pareto", "generalization", "CLASSICAL", "ADAPTIVE"]
+__all__ = ["ParetoRow", "ParetoResult", "pareto", "generalization", "CLASSICAL"]
 
 CLASSICAL = ("euler", "midpoint", "heun", "rk4")
-"""The classical fixed-step bases (this package's tableaus; see :func:`_fixed_stepper`)."""
-
-ADAPTIVE = ("torchdyn:dopri5", "torchdyn:tsit5", "torchdiffeq:dopri5", "torchdiffeq:dopri8")
+"""The classical fixed-step bases, by name (see :mod:`.names`)."""
 
 SolverSpec = Union[str, nn.Module]
+Solvers = Union[Sequence[SolverSpec], Mapping[str, SolverSpec]]
+"""``pareto``'s ``solvers``: a list (each item labelled by :func:`_name`) or ``{label: solver}``."""
 
 
 @dataclass
@@ -71,6 +73,42 @@ class ParetoResult:
     rows: List[ParetoRow]
     reference: str
     reference_tol: float
+
+    def __iter__(self) -> Iterator[ParetoRow]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def solvers(self) -> List[str]:
+        """The solver labels, in sweep order, each once."""
+        return list(dict.fromkeys(r.solver for r in self.rows))
+
+    def row(self, solver: str, steps: Optional[int] = None, tol: Optional[float] = None) -> ParetoRow:
+        """The row of ``solver`` (its label) at ``steps`` (fixed-step) or ``tol`` (adaptive).
+
+        ``steps`` and ``tol`` may be left out when the solver has a single row. Raises
+        ``KeyError`` when no row matches and ``ValueError`` when several do, naming what exists.
+        """
+        mine = [r for r in self.rows if r.solver == solver]
+        if not mine:
+            raise KeyError(f"no rows for solver {solver!r}; the sweep's solvers are {self.solvers}")
+        matches = [
+            r
+            for r in mine
+            if (steps is None or r.steps == steps)
+            and (tol is None or (r.tol is not None and math.isclose(r.tol, tol, rel_tol=1e-9)))
+        ]
+        settings = ", ".join(_setting(r) for r in mine)
+        if not matches:
+            asked = " and ".join(
+                ([f"steps={steps}"] if steps is not None else []) + ([f"tol={tol:g}"] if tol is not None else [])
+            )
+            raise KeyError(f"solver {solver!r} has no row with {asked}; its rows: {settings}")
+        if len(matches) > 1:
+            raise ValueError(f"solver {solver!r} has {len(matches)} rows ({settings}): pass steps= or tol=")
+        return matches[0]
 
     def to_csv(self, path: Union[str, os.PathLike]) -> str:
         with open(path, "w", newline="") as fh:
@@ -136,6 +174,10 @@ class ParetoResult:
         return paths
 
 
+def _setting(row: ParetoRow) -> str:
+    return f"steps={row.steps}" if row.steps is not None else f"tol={row.tol:g}"
+
+
 def _si(n: int) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= scale:
@@ -144,28 +186,31 @@ def _si(n: int) -> str:
 
 
 def _name(solver: SolverSpec) -> str:
+    """A list item's label: a string's own text; a module's ``name`` if it declares one, else its class name."""
     if isinstance(solver, str):
         return solver
     return getattr(solver, "name", None) or type(solver).__name__
 
 
-def _fixed_stepper(name: str) -> Optional[nn.Module]:
-    """A fixed-step solver by name: this package's bases first (``'euler'``, ``'midpoint'``,
-    ``'heun'``, ``'ralston'``, ``'rk4'``), then torchdyn's table (registered hypersolvers).
-
-    torchdyn 1.0.6's ``RungeKutta4`` evaluates its stages at ``t, t + dt/2, t + dt/2`` instead
-    of ``t + dt/2, t + dt/2, t + dt`` (first order on time-dependent fields), so ``'rk4'`` is
-    this package's; pass torchdyn's class as a module to measure it anyway."""
-    from torchdyn.numerics.solvers.ode import SOLVER_DICT
-
-    try:
-        return FixedStepSolver(name)
-    except ValueError:
-        pass
-    if name in SOLVER_DICT:
-        solver = SOLVER_DICT[name]()
-        return solver if getattr(solver, "stepping_class", None) == "fixed" else None
-    return None
+def _labelled(solvers: Solvers) -> List[Tuple[str, SolverSpec]]:
+    """``(label, solver)`` pairs: a dict's own keys, or each list item's :func:`_name`."""
+    if isinstance(solvers, (str, nn.Module)):
+        solvers = [solvers]
+    if isinstance(solvers, Mapping):
+        pairs = list(solvers.items())
+        bad = [label for label, _ in pairs if not isinstance(label, str) or not label]
+        if bad:
+            raise TypeError(f"solver labels must be non-empty strings, got {bad!r}")
+    else:
+        pairs = [(_name(s), s) for s in solvers]
+    labels = [label for label, _ in pairs]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(
+            f"several solvers are labelled {', '.join(map(repr, repeated))}; label each once, "
+            "e.g. solvers={'mine': hs, 'euler': 'euler'}"
+        )
+    return pairs
 
 
 def _head_after(model, z0: Tensor, t_ends: Tensor) -> Optional[Callable[[Tensor], Tensor]]:
@@ -187,31 +232,11 @@ def _head_after(model, z0: Tensor, t_ends: Tensor) -> Optional[Callable[[Tensor]
     return None
 
 
-def _classify(solver: SolverSpec):
-    """``(kind, stepper_or_reference_name)`` for a solver given in any accepted form."""
-    if isinstance(solver, HyperSolver):
-        return "hyper", solver
-    if isinstance(solver, nn.Module):
-        if getattr(solver, "stepping_class", None) != "fixed" or not hasattr(solver, "step"):
-            raise ValueError(f"solver {_name(solver)} is not a fixed-step solver; name adaptive ones by string")
-        return "fixed", solver
-    if isinstance(solver, str):
-        if solver in REFERENCE_SOLVERS or (":" in solver):
-            return "adaptive", check_reference(solver)
-        stepper = _fixed_stepper(solver)
-        if stepper is not None:
-            return ("hyper" if isinstance(stepper, HyperSolver) else "fixed"), stepper
-    raise ValueError(
-        f"unknown solver {solver!r}: pass a (hyper)solver module, a fixed-step name "
-        f"({', '.join(CLASSICAL)}, ralston, or a registered name) or an adaptive one ({', '.join(REFERENCE_SOLVERS)})"
-    )
-
-
 def pareto(
     model,
     x: Tensor,
     t_span,
-    solvers: Sequence[SolverSpec] = CLASSICAL + ("dopri5",),
+    solvers: Solvers = CLASSICAL + ("dopri5",),
     steps: Sequence[int] = (4, 8, 16),
     tolerances: Sequence[float] = (1e-2, 1e-3, 1e-4),
     reference: str = "dopri5",
@@ -231,7 +256,10 @@ def pareto(
             initial states.
         x: the inputs; t_span: its endpoints give the interval (a decreasing one integrates backwards).
         solvers: hypersolvers and fixed-step solvers (modules or names such as ``'euler'``),
-            and adaptive solvers by name (``'dopri5'``, ``'torchdyn:tsit5'``, ...).
+            and adaptive solvers by name (``'dopri5'``, ``'torchdyn:tsit5'``, ...): a list, or
+            a dict ``{label: solver}``. A row's ``solver`` is its label: the dict's key; for a
+            list item, a string's own text, a module's ``name`` if it declares one, else its
+            class name. Labels must be unique (look rows up with :meth:`ParetoResult.row`).
         head, labels, metric: the task metric; the row's ``task_decrement`` is
             ``metric(head(reference)) - metric(head(solution))`` (default: accuracy).
         repeats: interleaved timing repeats (median); ``timing=False`` skips timing.
@@ -242,7 +270,7 @@ def pareto(
     f, initial_state, module = resolve_model(model)
     span = check_t_span(t_span)
     t0, t1 = float(span[0]), float(span[-1])
-    classified = [(_name(s), *_classify(s)) for s in solvers]
+    classified = [(label, *resolve_solver(s)) for label, s in _labelled(solvers)]
     with preserved(module), torch.no_grad():
         z0 = initial_state(x)
         t_union, meshes = mesh_union(t0, t1, steps)
@@ -250,66 +278,37 @@ def pareto(
         ref = reference_solve(f, z0, t_union, reference, reference_tol, reference_tol)
         t_ends = torch.tensor([t0, t1]).to(z0)
         head = head if head is not None else _head_after(model, z0, t_ends)
+        task = _Task(head, labels, metric)
         macs_f = macs(f, t_ends[0], z0)
         rows, runs = [], {}
         for name, kind, target in classified:
+            common = {"solver": name, "kind": kind, "macs_f": macs_f, "task": task}
             if kind == "adaptive":
                 for tol in tolerances:
                     counter = CallCounter(f)
                     sol = reference_solve(counter, z0, t_ends, target, tol, tol)
-                    rows.append(
-                        _row(
-                            name,
-                            kind,
-                            None,
-                            tol,
-                            counter.calls,
-                            0,
-                            macs_f,
-                            0,
-                            sol[-1],
-                            ref[-1],
-                            None,
-                            head,
-                            labels,
-                            metric,
-                        )
-                    )
+                    rows.append(_row(**common, tol=tol, nfe=counter.calls, final=sol[-1], ref_final=ref[-1]))
                     runs[len(rows) - 1] = lambda s=target, tl=tol: reference_solve(f, z0, t_ends, s, tl, tl)
                 continue
             macs_g = 0
             if kind == "hyper":
-                macs_g = macs(target.correction, t_ends[1] - t_ends[0], t_ends[0], z0, f(t_ends[0], z0))
+                macs_g = macs(target.correction, *target.correction_inputs(f, t_ends[0], z0, t_ends[1] - t_ends[0]))
             for n in steps:
                 mesh_t, mesh_ref = t_union[meshes[n]], ref[meshes[n]]
                 counter = CallCounter(f)
                 with _count_g(target) as g_counter:
                     sol = fixed_solve(target, counter, z0, mesh_t)
-                rows.append(
-                    _row(
-                        name,
-                        kind,
-                        n,
-                        None,
-                        counter.calls,
-                        g_counter.calls,
-                        macs_f,
-                        macs_g,
-                        sol[-1],
-                        mesh_ref[-1],
-                        global_truncation_error(sol, mesh_ref).mean(),
-                        head,
-                        labels,
-                        metric,
-                    )
-                )
+                counts = {"nfe": counter.calls, "g_calls": g_counter.calls, "macs_g": macs_g}
+                errors = {"final": sol[-1], "ref_final": mesh_ref[-1]}
+                error = global_truncation_error(sol, mesh_ref).mean()
+                rows.append(_row(**common, steps=n, **counts, **errors, global_error=error))
                 runs[len(rows) - 1] = lambda s=target, m=mesh_t: fixed_solve(s, f, z0, m, return_trajectory=False)
         if timing:
             times = median_times({str(k): fn for k, fn in runs.items()}, repeats=repeats)
             for k in runs:
                 rows[k].wall_ms = 1e3 * times[str(k)]
     _mark_fronts(rows)
-    return ParetoResult(rows, check_reference(reference), reference_tol)
+    return ParetoResult(rows, resolve_adaptive(reference, role="reference"), reference_tol)
 
 
 @contextlib.contextmanager
@@ -330,10 +329,39 @@ def _count_g(stepper: nn.Module) -> Iterator[CallCounter]:
         yield CallCounter(None)
 
 
-def _row(name, kind, steps, tol, nfe, g_calls, macs_f, macs_g, final, ref_final, global_error, head, labels, metric):
+@dataclass
+class _Task:
+    """The task metric of a sweep: ``head`` (None: no task), ``labels``, ``metric``."""
+
+    head: Optional[Callable[[Tensor], Tensor]]
+    labels: Optional[Tensor]
+    metric: Optional[Callable[[Tensor, Tensor], float]]
+
+    def decrement(self, final: Tensor, ref_final: Tensor) -> Optional[float]:
+        if self.head is None:
+            return None
+        return task_decrement(self.head, final, ref_final, self.labels, self.metric)
+
+
+def _row(
+    *,
+    solver: str,
+    kind: str,
+    steps: Optional[int] = None,
+    tol: Optional[float] = None,
+    nfe: int,
+    g_calls: int = 0,
+    macs_f: int,
+    macs_g: int = 0,
+    final: Tensor,
+    ref_final: Tensor,
+    global_error: Optional[Tensor] = None,
+    task: _Task,
+) -> ParetoRow:
+    """A row from one solve's counts and final state (errors against ``ref_final``); untimed."""
     errors = (final - ref_final).flatten(1).norm(dim=1)
     return ParetoRow(
-        solver=name,
+        solver=solver,
         kind=kind,
         steps=steps,
         tol=tol,
@@ -347,7 +375,7 @@ def _row(name, kind, steps, tol, nfe, g_calls, macs_f, macs_g, final, ref_final,
         terminal_error=float(errors.mean()),
         max_terminal_error=float(errors.max()),
         global_error=None if global_error is None else float(global_error),
-        task_decrement=None if head is None else task_decrement(head, final, ref_final, labels, metric),
+        task_decrement=task.decrement(final, ref_final),
     )
 
 
@@ -372,9 +400,9 @@ def generalization(
 ) -> ParetoResult:
     """Base-solver generalisation (supplement C.2): the g fitted for ``hs``'s base, used
     with each of ``bases`` (rows ``g(<fitted base>)@<base>``), next to the bases alone."""
-    solvers: List[SolverSpec] = []
+    solvers: Dict[str, SolverSpec] = {}
     for base in bases:
         moved = HyperSolver(base, hs.hypernet, convention=hs.convention)
-        moved.name = f"g({hs.tableau.name})@{moved.tableau.name}"
-        solvers += [moved, base]
+        solvers[f"g({hs.tableau.name})@{moved.tableau.name}"] = moved
+        solvers[_name(base)] = base
     return pareto(model, x, t_span, solvers=solvers, steps=steps, **kwargs)

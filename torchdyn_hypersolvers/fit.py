@@ -10,19 +10,25 @@ over time), never a Python loop over steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .harvest import Trajectories
 from .mesh import map_steps, step_times
-from .models import module_device, preserved
+from .names import resolve_adaptive
+from .precision import cast_floating, in_float64, parameter_dtype
+from .recipe import FitDivergedError, LastFinite, clip_gradients, diverged, fitting, optimizer_and_schedule
 from .reference import reference_solve
-from .solvers import HyperSolver
+from .solvers import HyperSolver, map_stage_corrections
+from .user_model import module_device, owned_modules, preserved
 from .validity import Validity
 
 __all__ = [
@@ -31,6 +37,7 @@ __all__ = [
     "FitReport",
     "ResidualData",
     "fit",
+    "mesh_balance",
     "residual_data",
     "residual_loss",
     "trajectory_loss",
@@ -38,9 +45,8 @@ __all__ = [
 
 METHODS = ("residual", "trajectory")
 
-
-class FitDivergedError(FloatingPointError):
-    """The fitting loss or its gradient stopped being finite; g keeps its last finite weights."""
+NOISE_LIMIT = 0.1
+"""Estimated reference noise, as a fraction of the residual targets, above which ``fit`` warns."""
 
 
 @dataclass
@@ -49,7 +55,9 @@ class ResidualData:
 
     ``t``, ``dt``: ``[S]`` in the forward-time frame; ``z``, ``dz = f(t, z)`` and ``target``
     (the base solver's residuals): ``[S, N, ...]``; ``steps``: ``[S]``, the step count
-    of the mesh each step belongs to.
+    of the mesh each step belongs to. Only for a stage-aware g (the ``'stages'`` and
+    ``'concat_stages'`` conventions): ``stages``, every stage of the base step ``(k_1, ..., k_s)``,
+    each ``[S, N, ...]`` (``k_1`` is ``dz``), and ``z0``, each trajectory's first state ``[N, ...]``.
     """
 
     t: Tensor
@@ -58,53 +66,120 @@ class ResidualData:
     dz: Tensor
     target: Tensor
     steps: Tensor
+    stages: Optional[Tuple[Tensor, ...]] = None
+    z0: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.z.shape[1]
 
+    def replace(self, **changes) -> ResidualData:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def select(self, index: Optional[Tensor]) -> ResidualData:
+        """The steps of a subset of the trajectories (all of them for ``None``)."""
+        if index is None:
+            return self
+        stages = None if self.stages is None else tuple(k[:, index] for k in self.stages)
+        return self.replace(
+            z=self.z[:, index],
+            dz=self.dz[:, index],
+            target=self.target[:, index],
+            stages=stages,
+            z0=None if self.z0 is None else self.z0[index],
+        )
+
+    def to(self, device) -> ResidualData:
+        """The same data on ``device``."""
+        stages = None if self.stages is None else tuple(k.to(device) for k in self.stages)
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "stages"}
+        return ResidualData(**{k: v if v is None else v.to(device) for k, v in moved.items()}, stages=stages)
+
     def extend(self, other: ResidualData) -> ResidualData:
         """The same steps with ``other``'s trajectories appended."""
-        return ResidualData(
-            self.t,
-            self.dt,
-            torch.cat([self.z, other.z], 1),
-            torch.cat([self.dz, other.dz], 1),
-            torch.cat([self.target, other.target], 1),
-            self.steps,
+        stages = None
+        if self.stages is not None:
+            stages = tuple(torch.cat([a, b], 1) for a, b in zip(self.stages, other.stages))
+        return self.replace(
+            z=torch.cat([self.z, other.z], 1),
+            dz=torch.cat([self.dz, other.dz], 1),
+            target=torch.cat([self.target, other.target], 1),
+            stages=stages,
+            z0=None if self.z0 is None else torch.cat([self.z0, other.z0], 0),
         )
 
 
 def residual_data(hs: HyperSolver, trajectories: Trajectories, f: Optional[Callable] = None) -> ResidualData:
-    """Targets and g-inputs on every mesh of ``trajectories`` (no gradient)."""
+    """Targets and g-inputs on every mesh of ``trajectories`` (no gradient); all stages of
+    the base step and the trajectories' first states only when g reads them.
+
+    Float64 trajectories (``harvest(..., base=...)``) give float64 targets and f values (f in
+    float64: a copy of a module), cast to g's dtype at the end."""
     f = f if f is not None else trajectories.f
-    parts = []
+    if trajectories.states.dtype == torch.float64:
+        f = in_float64(f)  # the residual arithmetic in float64; the user's module is not touched
+    parts, stage_parts = [], []
     with torch.no_grad():
         for n in trajectories.steps:
             t_span, states = trajectories.mesh(n)
-            target, dz = hs.residual_targets(f, states, t_span)
+            target, stages = hs.residual_targets(f, states, t_span, with_stages=True)
             t, dt = step_times(t_span)
-            parts.append((t, dt, states[:-1], dz, target, torch.full_like(t, n, dtype=torch.long)))
-    return ResidualData(*(torch.cat(items, 0) for items in zip(*parts)))
+            parts.append((t, dt, states[:-1], stages[0], target, torch.full_like(t, n, dtype=torch.long)))
+            if hs.reads_stages:  # memory: stages x states, kept only for a g that reads them
+                stage_parts.append(stages)
+    data = ResidualData(*(torch.cat(items, 0) for items in zip(*parts)))
+    if hs.reads_stages:
+        stages = tuple(torch.cat(items, 0) for items in zip(*stage_parts))
+        data = data.replace(dz=stages[0], stages=stages, z0=trajectories.states[0])
+    return cast_floating(data, parameter_dtype(hs))  # float64 targets cast back for fitting
 
 
-def residual_loss(hs: HyperSolver, data: ResidualData, index: Optional[Tensor] = None) -> Tensor:
-    """Mean squared error between g's residuals and the base solver's, in one call of g."""
-    z, dz, target = (
-        (data.z, data.dz, data.target)
-        if index is None
-        else (data.z[:, index], data.dz[:, index], data.target[:, index])
-    )
-    predicted = map_steps(hs.correction, data.dt, data.t, z, dz)
-    return (predicted - target).square().mean()
+def _predicted(hs: HyperSolver, data: ResidualData) -> Tensor:
+    """g's residuals at every step of ``data``, in one batched call of g."""
+    if not hs.reads_stages:
+        return map_steps(hs.correction, data.dt, data.t, data.z, data.dz)
+    if data.stages is None:
+        raise ValueError(
+            f"g reads all stages of the base step and z0 (the {hs.convention!r} convention) but this ResidualData "
+            "holds only f(t, z): make it with residual_data(hs, trajectories) for this hypersolver"
+        )
+    return map_stage_corrections(hs, data.dt, data.t, data.z, data.stages, data.z0)
+
+
+def residual_loss(
+    hs: HyperSolver, data: ResidualData, index: Optional[Tensor] = None, weight: Optional[Tensor] = None
+) -> Tensor:
+    """Mean squared error between g's residuals and the base solver's, in one call of g;
+    ``weight`` (``[S]``, one per step, e.g. :func:`mesh_balance`) weighs each step's error."""
+    batch = data.select(index)
+    error = (_predicted(hs, batch) - batch.target).square()
+    if weight is not None:
+        error = error * weight.reshape(-1, *([1] * (error.dim() - 1)))
+    return error.mean()
+
+
+def mesh_balance(data: ResidualData) -> Tensor:
+    """Per-step weights ``1 / mean(R**2)`` of the step's mesh: the loss becomes each mesh's error
+    *relative to its own residuals*, so meshes whose residuals are large (coarse meshes of a
+    high-order base) do not starve those whose residuals are small, and tiny residuals (a
+    high-order base on a smooth field) are not lost below the optimiser's epsilon."""
+    per_step = data.target.flatten(1).square().mean(1)
+    weight = torch.ones_like(per_step)
+    for n in data.steps.unique():
+        mask = data.steps == n
+        weight[mask] = 1.0 / per_step[mask].mean().clamp_min(torch.finfo(per_step.dtype).tiny)
+    return weight
 
 
 def trajectory_loss(hs: HyperSolver, trajectories: Trajectories, f: Optional[Callable] = None) -> Tensor:
     """Mean squared error of the unrolled hypersolver against the reference, over every
     mesh point of every mesh (supplement C.1)."""
     f = f if f is not None else trajectories.f
+    dtype = parameter_dtype(hs)
     total = 0.0
     for n in trajectories.steps:
         t_span, reference = trajectories.mesh(n)
+        reference = reference if dtype is None else reference.to(dtype)  # float64 references: g's dtype
         solution = hs.solve(f, reference[0], t_span)
         total = total + (solution[1:] - reference[1:]).square().mean()
     return total / len(trajectories.steps)
@@ -149,23 +224,45 @@ class FitReport:
     """Mean ``|R|`` per mesh: the same error with g = 0, i.e. the base solver alone."""
     adversarial_worst: List[float] = field(default_factory=list)
     """Largest terminal error found in each adversarial round."""
+    target_noise: Dict[int, float] = field(default_factory=dict)
+    """Per mesh, the reference solver's error in the residual targets as a fraction of them,
+    ``mean |R - R_tight| / mean |R_tight|`` on a few trajectories re-solved at 100x tighter
+    tolerances in float64; empty when not estimated (trajectory fitting, unknown reference)."""
+
+    @property
+    def relative_residual_error(self) -> Dict[int, float]:
+        """Mean ``|g - R| / |R|`` per mesh: ``residual_error / base_residual_error`` (1 is g = 0;
+        compare it with ``target_noise``, the floor below which g cannot be checked)."""
+        return {
+            n: error / self.base_residual_error[n] if self.base_residual_error.get(n) else math.inf
+            for n, error in self.residual_error.items()
+        }
 
     def summary(self) -> str:
+        relative = self.relative_residual_error
         meshes = ", ".join(
-            f"{n} steps: {self.residual_error[n]:.3g} (base {self.base_residual_error[n]:.3g})"
+            f"{n} steps: {self.residual_error[n]:.3g} (base {self.base_residual_error[n]:.3g}, "
+            f"|g - R| / |R| {relative[n]:.2%})"
             for n in sorted(self.residual_error)
         )
-        return (
+        text = (
             f"{self.method} fit, {self.iterations} iterations in {self.wall_time:.1f} s, "
             f"final loss {self.loss_history[-1]:.3g}; mean |g - R| per mesh: {meshes}"
         )
+        if self.target_noise:
+            noise = ", ".join(f"{n} steps: {self.target_noise[n]:.2%}" for n in sorted(self.target_noise))
+            text += f"; target noise per mesh: {noise}"
+        return text
 
 
 def _check_compatible(hs: HyperSolver, data: ResidualData) -> None:
-    probe = (data.dt[0], data.t[0], data.z[0, :2], data.dz[0, :2])
+    probe = data.select(torch.arange(min(2, len(data)), device=data.z.device))
+    probe = probe.replace(t=probe.t[:1], dt=probe.dt[:1], z=probe.z[:1], dz=probe.dz[:1], target=probe.target[:1])
+    if probe.stages is not None:
+        probe = probe.replace(stages=tuple(k[:1] for k in probe.stages))
     try:
         with torch.no_grad():
-            hs.correction(*probe)
+            _predicted(hs, probe)
     except (RuntimeError, ValueError, TypeError) as err:
         raise ValueError(
             f"the trajectories hold states of shape {tuple(data.z.shape[2:])} (batches {tuple(data.z.shape[1:])}), "
@@ -173,11 +270,98 @@ def _check_compatible(hs: HyperSolver, data: ResidualData) -> None:
         ) from err
 
 
-def _perturbed(f: nn.Module, noise: float, generator: Optional[torch.Generator]) -> Callable:
-    params = {
-        name: p * (1 + noise * torch.randn(p.shape, generator=generator).to(p)) for name, p in f.named_parameters()
+def _check_finite(trajectories: Trajectories, data: ResidualData) -> None:
+    """Refuse non-finite states, f values or targets, with their count and where they are."""
+    states = trajectories.states
+    per_point = ~torch.isfinite(states.reshape(states.shape[0], states.shape[1], -1))
+    count = int(per_point.sum())
+    what = "states"
+    if count == 0:
+        per_point = ~(torch.isfinite(data.dz) & torch.isfinite(data.target)).reshape(*data.z.shape[:2], -1)
+        count = int(per_point.sum())
+        what = "values of f or residual targets (f(t, z) is nan or inf there, or the targets overflow)"
+    if count == 0:
+        return
+    where = per_point.any(2)
+    rows = where.any(0).nonzero().flatten().tolist()
+    times = where.any(1).nonzero().flatten().tolist()
+    raise ValueError(
+        f"the trajectories hold {count} non-finite (nan or inf) {what}, in {len(rows)} trajectories: "
+        f"{rows[:10]}{' (the first 10)' if len(rows) > 10 else ''}, at time points {times[:10]} (indices into "
+        "trajectories.t); fitting on them gives a nan loss: harvest again (tighter tolerances, a smaller "
+        "interval) or drop them, e.g. trajectories.select(mask)"
+    )
+
+
+def _in_float64(f: Callable) -> Callable:
+    """``f`` evaluated with float64 parameters and buffers (a module, through ``functional_call``;
+    no copy of the module is kept); a plain callable as it is."""
+    if not isinstance(f, nn.Module):
+        return f
+    tensors = {
+        name: v.double() if v.is_floating_point() else v
+        for name, v in itertools.chain(f.named_parameters(), f.named_buffers())
     }
-    return lambda t, z: torch.func.functional_call(f, params, (t, z))
+    return lambda t, z: torch.func.functional_call(f, tensors, (t, z))
+
+
+def _target_noise(hs: HyperSolver, trajectories: Trajectories, data: ResidualData, f: Callable, sample: int):
+    """Per mesh, ``mean |R - R_tight| / mean |R_tight|`` on the first ``sample`` trajectories,
+    where ``R_tight`` are the residual targets of a re-solve at 100x tighter tolerances in
+    float64 (in the trajectories' dtype when f does not run in float64)."""
+    if sample < 1 or trajectories.fingerprint is None:
+        return {}  # made by hand: the reference that produced them is unknown
+    try:
+        reference = resolve_adaptive(trajectories.reference, role="reference")
+    except (ValueError, TypeError):
+        return {}
+    count = min(sample, len(trajectories))
+    z0 = trajectories.states[0, :count]
+    atol, rtol = max(trajectories.atol / 100, 1e-14), max(trajectories.rtol / 100, 1e-14)
+    with torch.no_grad():
+        try:
+            field64 = _in_float64(f)
+            tight = reference_solve(field64, z0.double(), trajectories.t.double(), reference, atol, rtol)
+            tight_f, t = field64, trajectories.t.double()
+        except (RuntimeError, TypeError):  # f runs only in its own dtype
+            tight = reference_solve(f, z0, trajectories.t, reference, atol, rtol)
+            tight_f, t = f, trajectories.t
+        noise = {}
+        for n in trajectories.steps:
+            idx = trajectories.meshes[n].to(tight.device)
+            exact, _ = hs.residual_targets(tight_f, tight[idx], t[idx])
+            noisy = data.target[data.steps == n][:, :count]
+            scale = float(exact.abs().mean())
+            error = float((noisy.to(exact.dtype) - exact).abs().mean())
+            noise[int(n)] = error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
+    return noise
+
+
+def _warn_noise(noise: Dict[int, float], trajectories: Trajectories, sample: int) -> None:
+    noisy = {n: v for n, v in noise.items() if not v <= NOISE_LIMIT}
+    if not noisy:
+        return
+    meshes = ", ".join(f"{v:.0%} on the {n}-step mesh" for n, v in sorted(noisy.items()))
+    warnings.warn(
+        f"the residual targets are dominated by noise from the reference solver: its error is {meshes} "
+        f"(more than {NOISE_LIMIT:.0%}; estimated by re-solving {min(sample, len(trajectories))} trajectories at "
+        f"100x tighter tolerances in float64). The targets are divided by dt**(p+1), which amplifies the error of "
+        f"{trajectories.reference} at atol={trajectories.atol:g}, rtol={trajectories.rtol:g} in "
+        f"{trajectories.states.dtype}; g would learn that noise and can end up worse than its base solver. "
+        "Harvest with base=<the hypersolver> (harvest then picks the tolerance and float64 for its order), "
+        "or with tighter tolerances (e.g. atol=rtol=1e-9) and in float64.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _perturbed(f: nn.Module, noise: float, generator: Optional[torch.Generator]) -> nn.Module:
+    """A copy of f with its parameters perturbed by ``noise`` (relative); f is not touched."""
+    copied = copy.deepcopy(f)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.mul_(1 + noise * torch.randn(p.shape, generator=generator).to(p))
+    return copied
 
 
 def _adversarial_round(hs, trajectories: Trajectories, f, spec: Adversarial, generator):
@@ -187,23 +371,17 @@ def _adversarial_round(hs, trajectories: Trajectories, f, spec: Adversarial, gen
     noise = torch.randn((spec.candidates, *z0.shape[1:]), generator=generator).to(z0)
     candidates = z0[pick] + spec.scale * z0.std(0, keepdim=True) * noise
     fc = _perturbed(f, spec.param_noise, generator) if spec.param_noise > 0 else f
+    fc_ref = in_float64(fc) if z0.dtype == torch.float64 else fc  # float64 references need f in float64
+    dtype = parameter_dtype(hs) or z0.dtype  # the hypersolver runs in g's dtype
     with torch.no_grad():
         states = reference_solve(
-            fc, candidates, trajectories.t, trajectories.reference, trajectories.atol, trajectories.rtol
+            fc_ref, candidates, trajectories.t, trajectories.reference, trajectories.atol, trajectories.rtol
         )
-        pool = Trajectories(
-            trajectories.t,
-            states,
-            trajectories.meshes,
-            fc,
-            trajectories.reference,
-            trajectories.atol,
-            trajectories.rtol,
-        )
+        pool = trajectories.replace(states=states, f=fc)
         error = torch.zeros(spec.candidates, device=z0.device, dtype=z0.dtype)
         for n in pool.steps:
             t_span, ref = pool.mesh(n)
-            final = hs.solve(fc, ref[0], t_span, return_trajectory=False)
+            final = hs.solve(fc, ref[0].to(dtype), t_span, return_trajectory=False).to(ref)
             error = torch.maximum(error, (final - ref[-1]).flatten(1).norm(dim=1).nan_to_num(nan=float("inf")))
         # a diverging hypersolver is the worst case; a candidate whose reference diverged is unusable
         error[~torch.isfinite(states.flatten(2)).all(2).all(0)] = -float("inf")
@@ -227,6 +405,9 @@ def fit(
     device=None,
     progress: bool = True,
     seed: Optional[int] = None,
+    noise_sample: int = 8,
+    refine: int = 0,
+    balance_meshes: Optional[bool] = None,
 ) -> FitReport:
     """Fit the hypersolver's g on harvested trajectories; only g's parameters change.
 
@@ -241,14 +422,42 @@ def fit(
         device: where to fit (g is moved there; the vector field is copied if it lives elsewhere).
         progress: show a tqdm progress bar with the loss.
         seed: makes batch sampling and the adversarial search reproducible.
+        noise_sample: how many trajectories residual fitting re-solves (at 100x tighter
+            tolerances, in float64) to estimate the reference solver's noise in its targets,
+            ``FitReport.target_noise``; above 10% of the targets it warns. 0 skips the estimate,
+            as do trajectories not made by :func:`harvest` (their reference is unknown).
+        refine: after fitting, this many iterations of trajectory fitting on the meshes fitted
+            (the budget the hypersolver will run at): the hypersolver is unrolled over each mesh
+            and its mean ``|z - z_ref|`` over the mesh points is divided by the base solver's
+            own on that mesh, so that fine meshes (small errors) weigh as much as coarse ones;
+            AdamW with cosine annealing from ``lr_min`` to ``lr_min / 10``. 0 (the default) skips it.
+        balance_meshes: weigh each mesh's residual error by ``1 / mean(R**2)`` on that mesh
+            (:func:`mesh_balance`), so that g is fitted equally well *relative to the base
+            solver* on every mesh; worth it when one g serves meshes whose residuals differ a
+            lot (HyperRK4 over several step counts); also sets ``hs.residual_scale`` to the targets'
+            root mean square, so that g learns residuals of order one. Residual fitting only.
+            ``None`` (the default): on for a base of order 4 or more, whose residuals are tiny.
 
-    At the end, ``hs.validity`` records the step sizes and state shape of the meshes fitted on.
+    At the end, ``hs.validity`` records the step sizes, state shape, interval and direction of the
+    meshes fitted on.
+
+    Gradients are taken with respect to g's parameters only (``torch.autograd.grad``): f never
+    gets a ``.grad``. f is best given as an ``nn.Module`` (or the NeuralODE's ``vf``); for a plain
+    callable, the modules it reaches (closure cells, a bound method's object, ``functools.partial``
+    arguments, module-level names in its code) are put in eval mode and frozen during the fit and
+    restored after it, but a module it reaches in another way is not seen.
 
     Raises:
+        ValueError: non-finite states, f values or targets in the trajectories (with their count
+            and the first trajectories holding them), and the other bad arguments named.
         FitDivergedError: the loss or gradient became non-finite; g keeps its last finite weights.
     """
     if method not in METHODS:
         raise ValueError(f"unknown fitting method {method!r}; expected one of {METHODS}")
+    if isinstance(noise_sample, bool) or not isinstance(noise_sample, int) or noise_sample < 0:
+        raise ValueError(f"noise_sample must be a non-negative int, got {noise_sample!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be a non-negative int, got {refine!r}")
     if iterations < 1 or batch_size < 1:
         raise ValueError(f"iterations and batch_size must be positive, got {iterations}, {batch_size}")
     if trajectories.f is None:
@@ -261,78 +470,80 @@ def fit(
     f = trajectories.f
     if isinstance(f, nn.Module) and module_device(f, device) != device:
         f = copy.deepcopy(f).to(device)  # the user's model stays where it is
-    module = f if isinstance(f, nn.Module) else None
     params = [p for p in hs.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"the hypersolver's g ({type(hs.g).__name__}) has no trainable parameters")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    g_modes = [(m, m.training) for m in hs.modules()]
-    start = time.perf_counter()
-    history: List[float] = []
-    worst: List[float] = []
-    with preserved(module):
+    rounds = set()
+    if adversarial is not None:
+        rounds = {iterations * (k + 1) // (adversarial.rounds + 1) for k in range(adversarial.rounds)}
+    start, worst, index = time.perf_counter(), [], None
+    with preserved(*owned_modules(f)):
         data = residual_data(hs, trajectories, f)
+        _check_finite(trajectories, data)
         _check_compatible(hs, data)
-        rounds = set()
-        if adversarial is not None:
-            rounds = {iterations * (k + 1) // (adversarial.rounds + 1) for k in range(adversarial.rounds)}
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=lr_min)
-        hs.train()
-        bar = _progress(iterations, progress)
-        index = None
-        validity, hs.validity = hs.validity, None  # no validity warnings while g changes
-        try:
-            for i in range(iterations):
-                if i in rounds:
-                    found, fc, err = _adversarial_round(hs, trajectories, f, adversarial, generator)
-                    worst.append(err)
-                    data = data.extend(residual_data(hs, found, fc))
-                    if method == "trajectory":
-                        trajectories = Trajectories(
-                            trajectories.t,
-                            torch.cat([trajectories.states, found.states], 1),
-                            trajectories.meshes,
-                            f,
-                            trajectories.reference,
-                            trajectories.atol,
-                            trajectories.rtol,
-                        )
-                if index is None or (i >= warmup and (i - warmup) % swap_every == 0):
-                    index = torch.randperm(len(data), generator=generator)[:batch_size].to(device)
-                if method == "residual":
-                    loss = residual_loss(hs, data, index)
-                else:
-                    loss = trajectory_loss(hs, trajectories.select(index), f)
-                value = loss.item()  # one host sync per iteration, for the check and the history
-                if not math.isfinite(value):
-                    raise FitDivergedError(
-                        f"the {method} loss became {value} at iteration {i}; g keeps its weights from before it"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                try:
-                    torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=True)
-                except RuntimeError as err:
-                    raise FitDivergedError(
-                        f"the gradient became non-finite at iteration {i}; g keeps its weights from before it"
-                    ) from err
-                optimizer.step()
-                schedule.step()
-                history.append(value)
-                if bar is not None and (i % 10 == 0 or i == iterations - 1):
-                    bar.set_postfix(loss=f"{value:.3g}", refresh=False)
-                    bar.update(i + 1 - bar.n)
-        finally:
-            if bar is not None:
-                bar.close()
-            for m, flag in g_modes:
-                m.train(flag)
-            hs.validity = validity
+        noise = _target_noise(hs, trajectories, data, f, noise_sample) if method == "residual" else {}
+        _warn_noise(noise, trajectories, noise_sample)
+        weight = None
+        if balance_meshes or (balance_meshes is None and hs.order >= 4 and method == "residual"):
+            weight = mesh_balance(data)
+            hs.residual_scale = float(data.target.square().mean().sqrt().clamp_min(1e-30))
+
+        def loss_at(i: int) -> Tensor:
+            nonlocal data, trajectories, index
+            if i in rounds:
+                found, fc, err = _adversarial_round(hs, trajectories, f, adversarial, generator)
+                worst.append(err)
+                data = data.extend(residual_data(hs, found, fc))
+                if method == "trajectory":
+                    trajectories = trajectories.extend(found).replace(f=f)
+            if index is None or (i >= warmup and (i - warmup) % swap_every == 0):
+                index = torch.randperm(len(data), generator=generator)[:batch_size].to(device)
+            if method == "residual":
+                return residual_loss(hs, data, index, weight)
+            return trajectory_loss(hs, trajectories.select(index), f)
+
+        with fitting(hs):
+            history = _optimise(params, loss_at, iterations, method, lr, lr_min, weight_decay, clip, progress)
+            if refine:
+                history += _refine(
+                    hs, trajectories, f, params, refine, batch_size, lr_min, weight_decay, clip, progress
+                )
         residual_error, base_error = _residual_errors(hs, data)
-    report = FitReport(method, iterations, time.perf_counter() - start, history, residual_error, base_error, worst)
+    report = FitReport(
+        method, iterations, time.perf_counter() - start, history, residual_error, base_error, worst, noise
+    )
     hs.validity = Validity.of_trajectories(trajectories, report)
     return report
+
+
+def _mesh_errors(hs: HyperSolver, trajectories: Trajectories, f: Callable, correct: bool = True) -> Dict[int, Tensor]:
+    """Per mesh, the mean ``|z - z_ref|`` over the mesh points of the hypersolver (or of its base
+    solver) unrolled from the references' first states, in g's dtype."""
+    dtype = parameter_dtype(hs)
+    errors = {}
+    for n in trajectories.steps:
+        t_span, reference = trajectories.mesh(n)
+        reference = reference if dtype is None else reference.to(dtype)
+        solution = hs.solve(f, reference[0], t_span, correct=correct)
+        errors[n] = (solution[1:] - reference[1:]).abs().mean()
+    return errors
+
+
+def _refine(hs, trajectories, f, params, iterations, batch_size, lr, weight_decay, clip, progress) -> List[float]:
+    """``fit(refine=...)``: trajectory L1 on the meshes fitted, each mesh's error divided by
+    the base solver's on it (computed once, on all the trajectories)."""
+    with torch.no_grad():
+        scale = {n: float(e) for n, e in _mesh_errors(hs, trajectories, f, correct=False).items()}
+    scale = {n: e if e > 0 and math.isfinite(e) else 1.0 for n, e in scale.items()}
+    generator = torch.Generator().manual_seed(0)
+
+    def loss_at(i: int) -> Tensor:
+        index = torch.randperm(len(trajectories), generator=generator)[:batch_size].to(trajectories.states.device)
+        errors = _mesh_errors(hs, trajectories.select(index), f)
+        return sum(errors[n] / scale[n] for n in errors) / len(errors)
+
+    return _optimise(params, loss_at, iterations, "refinement", lr, lr / 10, weight_decay, clip, progress)
 
 
 def _residual_errors(hs: HyperSolver, data: ResidualData, max_elements: int = 2**22):
@@ -343,8 +554,8 @@ def _residual_errors(hs: HyperSolver, data: ResidualData, max_elements: int = 2*
     with torch.no_grad():
         for start in range(0, len(data), chunk):
             index = torch.arange(start, min(start + chunk, len(data)), device=data.z.device)
-            predicted = map_steps(hs.correction, data.dt, data.t, data.z[:, index], data.dz[:, index])
-            target = data.target[:, index]
+            chunk_data = data.select(index)
+            predicted, target = _predicted(hs, chunk_data), chunk_data.target
             sums += (predicted - target).abs().flatten(1).sum(1).cpu()
             base += target.abs().flatten(1).sum(1).cpu()
     per_step = data.z[0].numel()
@@ -353,6 +564,39 @@ def _residual_errors(hs: HyperSolver, data: ResidualData, max_elements: int = 2*
         {int(n): float(sums[steps == n].sum() / (per_step * (steps == n).sum())) for n in steps.unique()},
         {int(n): float(base[steps == n].sum() / (per_step * (steps == n).sum())) for n in steps.unique()},
     )
+
+
+def _optimise(params, loss_at, iterations: int, method: str, lr, lr_min, weight_decay, clip, progress) -> List[float]:
+    """The recipe's loop: ``loss_at(i)``, a finite-loss check, gradients with respect to g's
+    parameters only, clipping, a step; on divergence g gets back its last finite weights."""
+    optimizer, schedule = optimizer_and_schedule(params, lr, lr_min, weight_decay, iterations)
+    history: List[float] = []
+    bar = _progress(iterations, progress)
+    last = LastFinite(params)
+    try:
+        for i in range(iterations):
+            loss = loss_at(i)
+            value = loss.item()  # one host sync per iteration, for the check and the history
+            if not math.isfinite(value):
+                raise diverged(f"the {method} loss became {value}", f"iteration {i}")
+            grads = torch.autograd.grad(loss, params, allow_unused=True)  # never into f
+            for p, grad in zip(params, grads):
+                p.grad = grad
+            clip_gradients(params, clip, f"iteration {i}")
+            last.keep()
+            optimizer.step()
+            schedule.step()
+            history.append(value)
+            if bar is not None and (i % 10 == 0 or i == iterations - 1):
+                bar.set_postfix(loss=f"{value:.3g}", refresh=False)
+                bar.update(i + 1 - bar.n)
+    except FitDivergedError:
+        last.restore_if_nonfinite()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return history
 
 
 def _progress(total: int, enabled: bool):

@@ -9,31 +9,75 @@ Three call conventions are real code in the wild and all are supported:
 ``'tx'``
     ``g(t, z)``: the convention of torchdyn's built-in ``HyperEuler`` (its
     tutorials' ``VanillaHyperNet``).
-``'explicit'``
+``'dt_t_z_dz'``
     ``g(dt, t, z, dz)``: everything, for custom conditioning. The package's own
-    :class:`MLPHyperNet` and :class:`ConvHyperNet` use it.
+    :class:`MLPHyperNet` and :class:`ConvHyperNet` use it. (Called ``'explicit'``
+    before version 0.2; that name is still accepted.)
+``'stages'``
+    ``g(dt, t, z, stages, z0)``: stage-aware. ``stages = (k_1, ..., k_s)`` are all the
+    evaluations of f the base step made (computed anyway: no extra NFE), each shaped
+    like ``z``; ``z0`` is the initial state of the solve (of the trajectory, when fitting).
+    :class:`MLPHyperNet` / :class:`ConvHyperNet` with ``stages=s`` use it.
+``'concat_stages'``
+    ``g(cat([z, k_1, ..., k_s, z0, dt], dim=1))``: the same inputs concatenated, as the
+    paper's CNF HyperHeun g reads ``[x, f(x), f(x + ds f(x)), x0, ds]``
+    (``nn.Linear(13, ...)`` for a 3-D state: ``(s + 2) C + 1`` features).
 
 The convention is read from the number of required positional arguments of
-``g.forward`` (1, 2 or 4), or from a ``hypernet_convention`` attribute on g, or
-given explicitly to the hypersolver.
+``g.forward`` (1, 2 or 4; ``forward(self, t, x, *args)`` is torchdyn's ``'tx'``), or
+from a ``hypernet_convention`` attribute on g, or given explicitly to the hypersolver.
+The two stage-aware conventions are never guessed: declare them (``convention=`` or
+``g.hypernet_convention``).
+Wrappers are looked through: ``nn.DataParallel`` / ``DistributedDataParallel``
+(``.module``) and ``torch.compile`` (``._orig_mod``).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CONVENTIONS", "detect_convention", "call_hypernet", "MLPHyperNet", "ConvHyperNet"]
+__all__ = [
+    "CONVENTIONS",
+    "detect_convention",
+    "call_hypernet",
+    "unwrap_hypernet",
+    "check_hypernet_input",
+    "reads_stages",
+    "MLPHyperNet",
+    "ConvHyperNet",
+]
 
-CONVENTIONS = ("concat", "tx", "explicit")
-_BY_ARITY = {1: "concat", 2: "tx", 4: "explicit"}
+CONVENTIONS = ("concat", "tx", "dt_t_z_dz", "stages", "concat_stages")
+STAGE_CONVENTIONS = ("stages", "concat_stages")
+"""The conventions that read all stages of the base step and the solve's initial state."""
+_ALIASES = {"explicit": "dt_t_z_dz"}
+_BY_ARITY = {1: "concat", 2: "tx", 4: "dt_t_z_dz"}
+
+
+def unwrap_hypernet(g: Callable) -> Callable:
+    """The module a wrapper runs: through ``.module`` (``nn.DataParallel``,
+    ``DistributedDataParallel``) and ``._orig_mod`` (``torch.compile``), however nested."""
+    for _ in range(16):  # wrappers of wrappers, never a cycle
+        if isinstance(g, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            g = g.module
+        elif isinstance(g, nn.Module) and isinstance(getattr(g, "_orig_mod", None), nn.Module):
+            g = g._orig_mod
+        else:
+            break
+    return g
 
 
 def detect_convention(g: Callable) -> str:
-    """Return how ``g`` is to be called: ``'concat'``, ``'tx'`` or ``'explicit'``."""
+    """Return how ``g`` is to be called: ``'concat'``, ``'tx'`` or ``'dt_t_z_dz'``.
+
+    Wrappers (``nn.DataParallel``, ``torch.compile``, ...) are looked through; g itself is
+    what the hypersolver calls."""
+    g = unwrap_hypernet(g)
     declared = getattr(g, "hypernet_convention", None)
     if declared is not None:
         return check_convention(declared)
@@ -42,14 +86,16 @@ def detect_convention(g: Callable) -> str:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         raise TypeError(f"cannot read the signature of g ({type(g).__name__}); pass convention=...") from None
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        raise TypeError(
-            f"cannot tell how to call g ({type(g).__name__}): its forward takes *args. "
-            f"Pass convention= one of {CONVENTIONS} to the hypersolver."
-        )
     required = [
         p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     ]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        if len(required) == 2:  # forward(self, t, x, *args): torchdyn calls it g(t, x)
+            return "tx"
+        raise TypeError(
+            f"cannot tell how to call g ({type(g).__name__}): its forward takes {tuple(required)} and *args. "
+            f"Pass convention= one of {CONVENTIONS} to the hypersolver."
+        )
     try:
         return _BY_ARITY[len(required)]
     except KeyError:
@@ -57,14 +103,22 @@ def detect_convention(g: Callable) -> str:
             f"cannot tell how to call g ({type(g).__name__}): its forward takes "
             f"{len(required)} required arguments {tuple(required)}. A hypernet takes 1 "
             "(the concatenation [z, f(t, z), dt] along dim 1), 2 (t, z as for torchdyn's "
-            "HyperEuler) or 4 (dt, t, z, dz); or pass convention=... to the hypersolver."
+            "HyperEuler) or 4 (dt, t, z, dz); or pass convention=... to the hypersolver (the stage-aware "
+            "'stages', g(dt, t, z, stages, z0), and 'concat_stages' are always declared)."
         ) from None
 
 
 def check_convention(convention: str) -> str:
+    """The canonical name of a convention (old names are accepted as aliases)."""
+    convention = _ALIASES.get(convention, convention)
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown hypernet convention {convention!r}; expected one of {CONVENTIONS}")
     return convention
+
+
+def reads_stages(convention: str) -> bool:
+    """Whether g, called under ``convention``, reads every stage of the base step and z0."""
+    return convention in STAGE_CONVENTIONS
 
 
 def dt_channel(dt: Tensor, z: Tensor) -> Tensor:
@@ -77,14 +131,98 @@ def concat_inputs(dt: Tensor, z: Tensor, dz: Tensor) -> Tensor:
     return torch.cat([z, dz, dt_channel(dt, z)], dim=1)
 
 
-def call_hypernet(g: Callable, convention: str, dt: Tensor, t: Tensor, z: Tensor, dz: Tensor) -> Tensor:
-    """Evaluate ``g`` under ``convention`` at one step; ``dz = f(t, z)``."""
-    if convention == "explicit":
+def concat_stage_inputs(dt: Tensor, z: Tensor, stages: Sequence[Tensor], z0: Tensor) -> Tensor:
+    """The channel-wise concatenation ``[z, k_1, ..., k_s, z0, dt]`` a ``'concat_stages'`` hypernet reads."""
+    return torch.cat([z, *stages, z0, dt_channel(dt, z)], dim=1)
+
+
+def call_hypernet(
+    g: Callable, convention: str, dt: Tensor, t: Tensor, z: Tensor, dz: Tensor,
+    stages: Optional[Sequence[Tensor]] = None, z0: Optional[Tensor] = None,
+) -> Tensor:
+    """Evaluate ``g`` under ``convention`` at one step; ``dz = f(t, z)``. The stage-aware
+    conventions also need ``stages`` (all of the base step's, ``stages[0] == dz``) and ``z0``."""
+    if convention == "dt_t_z_dz":
         return g(dt, t, z, dz)
     if convention == "tx":
         return g(t, z)
-    return g(concat_inputs(dt, z, dz))
+    if convention == "concat":
+        return g(concat_inputs(dt, z, dz))
+    if stages is None or z0 is None:
+        raise TypeError(f"the {convention!r} convention reads all stages of the base step and z0; got none")
+    if convention == "stages":
+        return g(dt, t, z, tuple(stages), z0)
+    return g(concat_stage_inputs(dt, z, stages, z0))
 
+
+def _first_layer(g: Callable) -> Optional[nn.Module]:
+    """The layer that first reads g's input, when g is one (or an ``nn.Sequential`` starting with one)."""
+    g = unwrap_hypernet(g)
+    while isinstance(g, nn.Sequential) and len(g) > 0:
+        g = unwrap_hypernet(g[0])
+    if isinstance(g, nn.modules.lazy.LazyModuleMixin) and g.has_uninitialized_params():
+        return None  # its input size is set by the first call
+    if isinstance(g, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)):
+        return g
+    return None
+
+
+def check_hypernet_input(g: Callable, convention: str, z: Tensor, stages: int = 1) -> None:
+    """Refuse, before the first step, a state that g cannot take under ``convention``.
+
+    What can be known without calling g: the ``'concat'`` convention needs a channel dim 1,
+    and supplies ``2 C + 1`` channels (``[z, f(t, z), dt]``; ``'concat_stages'``: ``(s + 2) C + 1``
+    for a base of ``stages = s``) which must be what g's first layer (an ``nn.Linear``'s
+    ``in_features``, a convolution's ``in_channels``) reads; the package's template hypernets
+    name the states (and the number of stages) they take. Other g's are not inspected."""
+    name = type(unwrap_hypernet(g)).__name__
+    if convention in ("concat", "concat_stages"):
+        reads = "[z, f(t, z), dt]" if convention == "concat" else "[z, k_1, ..., k_s, z0, dt]"
+        if z.dim() < 2:
+            raise ValueError(
+                f"g ({name}, the {convention!r} convention) reads cat({reads}, dim=1), which needs states "
+                f"(B, C, ...) with a channel dim 1; got a state of shape {tuple(z.shape)}. Give the state a "
+                "batch dimension (x[None]) or use a g(t, x) hypernet (the 'tx' convention), which takes any shape"
+            )
+        layer = _first_layer(g)
+        if layer is None:
+            return
+        copies = 2 if convention == "concat" else stages + 2
+        shape = list(z.shape)
+        shape[1] = copies * shape[1] + 1
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            supplied, width, what = shape[1], layer.in_channels, f"{type(layer).__name__}.in_channels"
+        elif isinstance(layer, nn.Bilinear):
+            return
+        else:
+            supplied, width, what = shape[-1], layer.in_features, "nn.Linear.in_features"
+        if supplied != width:
+            what_in = f"cat({reads}, dim=1)" + (f" with s={stages} stages" if convention == "concat_stages" else "")
+            raise ValueError(
+                f"g ({name}) reads {width} input features ({what} of its first layer) but the {convention!r} "
+                f"convention supplies {supplied} = {copies}*{z.shape[1]}+1 ({what_in} for a state of shape "
+                f"{tuple(z.shape)}). Build g for {supplied} inputs, or declare its convention (convention='tx' "
+                "for g(t, z), 'dt_t_z_dz' for g(dt, t, z, dz), 'concat' or 'concat_stages')"
+            )
+    elif convention in ("dt_t_z_dz", "stages"):
+        inner = unwrap_hypernet(g)
+        if isinstance(inner, _TemplateHyperNet):
+            if inner.hypernet_convention != convention:
+                raise ValueError(
+                    f"the hypernet g: {inner._settings()} is called g{_SIGNATURES[inner.hypernet_convention]} "
+                    f"(the {inner.hypernet_convention!r} convention), not under {convention!r}"
+                )
+            expected = inner._expects(z)
+            if expected is not None:
+                raise ValueError(f"the hypernet g: {inner._settings()} expects states {expected}, got {tuple(z.shape)}")
+            if convention == "stages" and inner.config.get("stages", 1) != stages:
+                raise ValueError(
+                    f"the hypernet g: {inner._settings()} reads {inner.config['stages']} stages but the base step "
+                    f"has {stages}; build it with stages={stages}"
+                )
+
+
+_SIGNATURES = {"dt_t_z_dz": "(dt, t, z, dz)", "stages": "(dt, t, z, stages, z0)"}
 
 _ACTIVATIONS: Dict[str, Callable[[], nn.Module]] = {
     "softplus": nn.Softplus,
@@ -108,66 +246,124 @@ def _zero_(layer: nn.Module) -> nn.Module:
     return layer
 
 
-class MLPHyperNet(nn.Module):
+def _stack(layer: Callable[[int, int], nn.Module], widths: Sequence[int], out: int, activation: str) -> nn.Sequential:
+    """``layer`` + activation between consecutive ``widths``, then a zero-initialised ``layer`` to ``out``."""
+    modules = []
+    for w_in, w_out in zip(widths[:-1], widths[1:]):
+        modules += [layer(w_in, w_out), _activation(activation)]
+    modules.append(_zero_(layer(widths[-1], out)))
+    return nn.Sequential(*modules)
+
+
+class _TemplateHyperNet(nn.Module):
+    """A ready-made g: ``net([z, dz, dt(, t)])``, or with ``stages = s >= 2``
+    ``net([z, k_1, ..., k_s, z0, dt(, t)])`` (the ``'stages'`` convention), for states of
+    the shape :meth:`_expects` describes."""
+
+    hypernet_convention = "dt_t_z_dz"
+    net: nn.Sequential
+    config: Dict
+
+    def _options(self, time: bool, stages: int) -> int:
+        """Record ``time`` / ``stages`` (in ``config`` only when not the defaults, so files saved
+        with the defaults are unchanged) and return how many state-sized inputs ``net`` reads."""
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            raise ValueError(f"stages must be a positive int (the base step's stage count), got {stages!r}")
+        if not isinstance(time, bool):
+            raise ValueError(f"time must be a bool, got {time!r}")
+        if time:
+            self.config["time"] = True
+        if stages > 1:
+            self.config["stages"] = stages
+            self.hypernet_convention = "stages"
+        return 2 if stages == 1 else stages + 2
+
+    def _expects(self, z: Tensor) -> Optional[str]:
+        """None when ``z`` is accepted, else the expected shape, in words."""
+        raise NotImplementedError
+
+    def _settings(self) -> str:
+        keys = ("state_dim", "channels", "time", "stages")
+        settings = ", ".join(f"{k}={v}" for k, v in self.config.items() if k in keys)
+        return f"{type(self).__name__}({settings})"
+
+    def forward(self, dt: Tensor, t: Tensor, z: Tensor, dz, z0: Optional[Tensor] = None) -> Tensor:
+        """``g(dt, t, z, dz)``; with ``stages >= 2``, ``g(dt, t, z, stages, z0)``."""
+        expected = self._expects(z)
+        if expected is not None:
+            raise ValueError(f"{self._settings()} expects states {expected}, got {tuple(z.shape)}")
+        stages = self.config.get("stages", 1)
+        if stages == 1:
+            inputs = concat_inputs(dt, z, dz)
+        else:
+            if isinstance(dz, Tensor) or len(dz) != stages or z0 is None:
+                got = "one tensor" if isinstance(dz, Tensor) else f"{len(dz)} stages"
+                raise ValueError(
+                    f"{self._settings()} reads {stages} stages and z0 (g(dt, t, z, stages, z0)), got {got}"
+                )
+            inputs = concat_stage_inputs(dt, z, dz, z0)
+        if self.config.get("time", False):
+            inputs = torch.cat([inputs, dt_channel(t, z)], dim=1)
+        return self.net(inputs)
+
+
+class MLPHyperNet(_TemplateHyperNet):
     """An MLP hypernet for states ``(B, D)``: ``[z, dz, dt] -> residual``.
 
+    ``time=True`` adds ``t`` as an input (for non-autonomous fields); ``stages=s >= 2``
+    reads every stage of an ``s``-stage base step and the solve's initial state,
+    ``[z, k_1, ..., k_s, z0, dt]`` (the ``'stages'`` convention; no extra NFE).
     The last layer starts at zero, so an unfitted hypersolver is exactly its base
     solver. ``config`` holds the constructor arguments (used by save/load).
     """
 
-    hypernet_convention = "explicit"
-
-    def __init__(self, state_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "silu"):
+    def __init__(
+        self,
+        state_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "silu",
+        time: bool = False,
+        stages: int = 1,
+    ):
         super().__init__()
         if state_dim < 1:
             raise ValueError(f"state_dim must be positive, got {state_dim}")
         self.config = {"state_dim": int(state_dim), "hidden": [int(h) for h in hidden], "activation": activation}
-        widths = [2 * state_dim + 1, *self.config["hidden"]]
-        layers = []
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(w_in, w_out), _activation(activation)]
-        layers.append(_zero_(nn.Linear(widths[-1], state_dim)))
-        self.net = nn.Sequential(*layers)
+        copies = self._options(time, stages)
+        width = copies * state_dim + 1 + int(time)
+        self.net = _stack(nn.Linear, [width, *self.config["hidden"]], state_dim, activation)
 
-    def forward(self, dt: Tensor, t: Tensor, z: Tensor, dz: Tensor) -> Tensor:
-        if z.dim() != 2 or z.shape[1] != self.config["state_dim"]:
-            raise ValueError(
-                f"MLPHyperNet(state_dim={self.config['state_dim']}) expects states (B, "
-                f"{self.config['state_dim']}), got {tuple(z.shape)}"
-            )
-        return self.net(concat_inputs(dt, z, dz))
+    def _expects(self, z: Tensor) -> Optional[str]:
+        dim = self.config["state_dim"]
+        return None if z.dim() == 2 and z.shape[1] == dim else f"(B, {dim})"
 
 
-class ConvHyperNet(nn.Module):
+class ConvHyperNet(_TemplateHyperNet):
     """A convolutional hypernet for image states ``(B, C, H, W)``, after supplement C.2.
 
     ``Conv(2C+1 -> hidden) - PReLU - Conv(hidden -> hidden) - PReLU - Conv(hidden -> C)``
     with 3x3 kernels (``layers`` counts the convolutions); the last layer starts at zero.
+    ``time`` and ``stages`` as for :class:`MLPHyperNet` (t and dt are constant channels).
     """
 
-    hypernet_convention = "explicit"
-
-    def __init__(self, channels: int, hidden: int = 32, layers: int = 3, activation: str = "prelu"):
+    def __init__(
+        self,
+        channels: int,
+        hidden: int = 32,
+        layers: int = 3,
+        activation: str = "prelu",
+        time: bool = False,
+        stages: int = 1,
+    ):
         super().__init__()
         if channels < 1 or layers < 1:
             raise ValueError(f"ConvHyperNet needs channels >= 1 and layers >= 1, got {channels}, {layers}")
-        self.config = {
-            "channels": int(channels),
-            "hidden": int(hidden),
-            "layers": int(layers),
-            "activation": activation,
-        }
-        widths = [2 * channels + 1] + [hidden] * (layers - 1)
-        modules = []
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
-            modules += [nn.Conv2d(w_in, w_out, 3, padding=1), _activation(activation)]
-        modules.append(_zero_(nn.Conv2d(widths[-1], channels, 3, padding=1)))
-        self.net = nn.Sequential(*modules)
+        self.config = {"channels": int(channels), "hidden": int(hidden), "layers": int(layers)}
+        self.config["activation"] = activation
+        copies = self._options(time, stages)
+        conv = functools.partial(nn.Conv2d, kernel_size=3, padding=1)
+        self.net = _stack(conv, [copies * channels + 1 + int(time)] + [hidden] * (layers - 1), channels, activation)
 
-    def forward(self, dt: Tensor, t: Tensor, z: Tensor, dz: Tensor) -> Tensor:
-        if z.dim() != 4 or z.shape[1] != self.config["channels"]:
-            raise ValueError(
-                f"ConvHyperNet(channels={self.config['channels']}) expects states (B, "
-                f"{self.config['channels']}, H, W), got {tuple(z.shape)}"
-            )
-        return self.net(concat_inputs(dt, z, dz))
+    def _expects(self, z: Tensor) -> Optional[str]:
+        channels = self.config["channels"]
+        return None if z.dim() == 4 and z.shape[1] == channels else f"(B, {channels}, H, W)"

@@ -10,27 +10,19 @@ on, the fit report's summary, the validity record, and the versions that wrote i
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
-import pickle
-import tempfile
-import zipfile
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
 
-from . import hypernets
-from .solvers import (
-    BaseLike,
-    HyperAlpha,
-    HyperEuler,
-    HyperHeun,
-    HyperMidpoint,
-    HyperRalston,
-    HyperRK4,
-    HyperSolver,
-    resolve_base,
-)
+from . import hypernets, solvers
+from ._version import __version__
+from .files import read_plain, write_atomic
+from .names import resolve_base
+from .solvers import BaseLike, HyperSolver
 from .tableaus import ButcherTableau
 from .validity import Validity
 
@@ -41,17 +33,8 @@ FORMAT_VERSION = 1
 
 _KIND = "torchdyn_hypersolvers.hypersolver"
 _HYPERNETS = {"MLPHyperNet": hypernets.MLPHyperNet, "ConvHyperNet": hypernets.ConvHyperNet}
-_SOLVERS = {
-    cls.__name__: cls for cls in (HyperSolver, HyperEuler, HyperMidpoint, HyperHeun, HyperRalston, HyperRK4, HyperAlpha)
-}
 _REQUIRED = ("format_version", "tableau", "solver", "convention", "hypernet", "state_dict")
 PathLike = Union[str, os.PathLike]
-
-
-def _package_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _tableau_record(tableau: ButcherTableau) -> Dict[str, Any]:
@@ -64,14 +47,49 @@ def _tableau_record(tableau: ButcherTableau) -> Dict[str, Any]:
     }
 
 
-def _tableau_of(record: Dict[str, Any]) -> ButcherTableau:
-    return ButcherTableau(
-        record["name"],
-        int(record["order"]),
-        tuple(tuple(row) for row in record["a"]),
-        tuple(record["b"]),
-        tuple(record["c"]),
-    )
+_CONSISTENCY = 1e-9
+"""How far ``sum(b)`` may be from 1 and a row sum of ``a`` from its node ``c``, in a loaded tableau."""
+
+
+def _numbers(value, field: str, where: str) -> tuple:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    ):
+        raise ValueError(f"{where}: the tableau's {field} must be a list of finite numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _tableau_of(record: Dict[str, Any], path: PathLike = "the file") -> ButcherTableau:
+    """The saved tableau, checked: well-typed fields, order an int >= 1, finite coefficients, and
+    the consistency conditions ``sum(b) == 1``, ``c[0] == 0`` and row sums of ``a`` equal to ``c``."""
+    where = f"{os.fspath(path)!s} is corrupt"
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: its tableau must be a dict, got {type(record).__name__} {record!r}")
+    missing = [k for k in ("name", "order", "a", "b", "c") if k not in record]
+    if missing:
+        raise ValueError(f"{where}: its tableau lacks the fields {missing}")
+    name, order = record["name"], record["order"]
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: the tableau's name must be a str, got {name!r}")
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 1:
+        raise ValueError(f"{where}: the tableau's order must be an int >= 1, got {order!r}")
+    if not isinstance(record["a"], (list, tuple)):
+        raise ValueError(f"{where}: the tableau's a must be a list of rows, got {record['a']!r}")
+    a = tuple(_numbers(row, f"row {i + 1} of a", where) for i, row in enumerate(record["a"]))
+    b, c = _numbers(record["b"], "b", where), _numbers(record["c"], "c", where)
+    try:
+        tableau = ButcherTableau(name, int(order), a, b, c)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    if abs(math.fsum(b) - 1.0) > _CONSISTENCY:
+        raise ValueError(f"{where}: the tableau's weights b = {list(b)} sum to {math.fsum(b)!r}, not 1")
+    for i, row in enumerate(a):
+        if abs(math.fsum(row) - c[i + 1]) > _CONSISTENCY:
+            raise ValueError(
+                f"{where}: row {i + 1} of the tableau's a sums to {math.fsum(row)!r}, not to its node "
+                f"c[{i + 1}] = {c[i + 1]!r}"
+            )
+    return tableau
 
 
 def _same_method(x: ButcherTableau, y: ButcherTableau) -> bool:
@@ -108,6 +126,7 @@ def _report_record(report) -> Dict[str, Any]:
         "base_residual_error": {int(n): float(v) for n, v in report.base_residual_error.items()},
         "final_loss": float(report.loss_history[-1]) if report.loss_history else None,
         "adversarial_worst": [float(v) for v in report.adversarial_worst],
+        "target_noise": {int(n): float(v) for n, v in getattr(report, "target_noise", {}).items()},
     }
 
 
@@ -121,7 +140,9 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
         report: the :class:`FitReport` of the fit (recorded: its summary numbers).
 
     The validity record saved is derived from ``trajectories`` when given, otherwise it is
-    ``hypersolver.validity`` (set by :func:`fit`). The file is written atomically.
+    ``hypersolver.validity`` (set by :func:`fit`). The file is written atomically. A ``path``
+    that is a symbolic link is followed: the link stays, its target gets the new content
+    (written next to the target, then renamed over it).
     """
     if not isinstance(hypersolver, HyperSolver):
         raise TypeError(f"save expects a HyperSolver, got {type(hypersolver).__name__}")
@@ -135,12 +156,13 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
     blob = {
         "kind": _KIND,
         "format_version": FORMAT_VERSION,
-        "package_version": _package_version(),
+        "package_version": __version__,
         "torch_version": str(torch.__version__),
-        "solver": solver if type(hypersolver) is _SOLVERS.get(solver) else "HyperSolver",
+        "solver": solver if _solver_class(solver) is type(hypersolver) else "HyperSolver",
         "solver_class": f"{type(hypersolver).__module__}.{type(hypersolver).__qualname__}",
         "tableau": _tableau_record(hypersolver.tableau),
         "convention": hypersolver.convention,
+        "residual_scale": float(hypersolver.residual_scale),
         "hypernet": {
             "class": name,
             "module": type(g).__module__,
@@ -151,29 +173,11 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
         "trajectories": _trajectories_record(trajectories) if trajectories is not None else None,
         "report": _report_record(report) if report is not None else None,
     }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".hypersolver-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(blob, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(blob, path, prefix=".hypersolver-")
 
 
 def _read(path: PathLike, map_location) -> Dict[str, Any]:
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise ValueError(
-            f"cannot read {os.fspath(path)!s} as a hypersolver file (truncated, corrupt, or holding objects "
-            f"that weights_only loading refuses): {type(err).__name__}: {err}"
-        ) from err
+    blob = read_plain(path, map_location, "a hypersolver file")
     if not isinstance(blob, dict) or blob.get("kind") != _KIND:
         hint = " (it looks like a Trajectories file: use Trajectories.load)" if _is_trajectories(blob) else ""
         raise ValueError(f"{os.fspath(path)!s} is not a hypersolver file written by torchdyn_hypersolvers.save{hint}")
@@ -183,15 +187,36 @@ def _read(path: PathLike, map_location) -> Dict[str, Any]:
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{os.fspath(path)!s} has format version {version}, newer than the {FORMAT_VERSION} this "
-            f"torchdyn_hypersolvers {_package_version()} reads (it was written by torchdyn_hypersolvers "
+            f"torchdyn_hypersolvers {__version__} reads (it was written by torchdyn_hypersolvers "
             f"{blob.get('package_version')}); upgrade torchdyn-hypersolvers to load it"
         )
     missing = [k for k in _REQUIRED if k not in blob]
     if missing:
         raise ValueError(f"{os.fspath(path)!s} is corrupt: it lacks {missing}")
     state = blob["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise ValueError(f"{os.fspath(path)!s} is corrupt: its state_dict is not a dict of tensors")
+    nonfinite = [
+        k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()
+    ]
+    if nonfinite:
+        raise ValueError(f"{os.fspath(path)!s} holds non-finite (nan or inf) weights in {nonfinite}; it cannot be used")
+    for key in ("solver", "convention"):
+        if not isinstance(blob[key], str):
+            raise ValueError(f"{os.fspath(path)!s} is corrupt: its {key} must be a str, got {blob[key]!r}")
+    record = blob["hypernet"]
+    if not isinstance(record, dict) or not isinstance(record.get("class"), str):
+        raise ValueError(
+            f"{os.fspath(path)!s} is corrupt: its hypernet record needs a class name (a str), got {record!r}"
+        )
+    if record.get("module") is not None and not isinstance(record["module"], str):
+        raise ValueError(f"{os.fspath(path)!s} is corrupt: its hypernet module must be a str, got {record['module']!r}")
+    if record.get("config") is not None and not isinstance(record["config"], dict):
+        raise ValueError(
+            f"{os.fspath(path)!s} is corrupt: its hypernet config must be a dict, got {record['config']!r}"
+        )
     return blob
 
 
@@ -220,7 +245,7 @@ def _check_fits(g: nn.Module, state: Dict[str, torch.Tensor], path: PathLike, sa
         )
 
 
-def _rebuild_hypernet(record: Dict[str, Any], path: PathLike) -> nn.Module:
+def _rebuild_hypernet(record: Dict[str, Any], state: Dict[str, torch.Tensor], path: PathLike) -> nn.Module:
     cls = _HYPERNETS.get(record["class"])
     if cls is None or record.get("module") != hypernets.__name__ or record.get("config") is None:
         raise ValueError(
@@ -228,21 +253,43 @@ def _rebuild_hypernet(record: Dict[str, Any], path: PathLike) -> nn.Module:
             f"{record.get('module')}), which load cannot rebuild: pass an instance, "
             f"load(path, g={record['class']}(...))"
         )
+    config = record["config"]
+    try:  # the parameter shapes the config implies, without allocating them
+        with torch.device("meta"):
+            shell = cls(**config)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"{os.fspath(path)!s} is corrupt: its hypernet config {config!r} does not build a {cls.__name__}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    implied = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in state.items()}
+    if implied != stored:
+        differ = [
+            f"{k}: config {implied.get(k, 'absent')} vs file {stored.get(k, 'absent')}"
+            for k in sorted(set(implied) | set(stored))
+            if implied.get(k) != stored.get(k)
+        ]
+        count = sum(math.prod(shape) for shape in implied.values())
+        raise ValueError(
+            f"{os.fspath(path)!s} is corrupt: its hypernet config {config!r} implies {count} parameters with other "
+            f"shapes than the {sum(v.numel() for v in state.values())} stored: {'; '.join(differ[:6])}"
+        )
     with torch.random.fork_rng(devices=[]):  # building it must not move the caller's RNG
-        return cls(**record["config"])
+        return cls(**config)
+
+
+def _solver_class(name: str) -> type:
+    """This package's hypersolver class of that name (a user's subclass is rebuilt as HyperSolver)."""
+    cls = getattr(solvers, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, HyperSolver) else HyperSolver
 
 
 def _rebuild_solver(name: str, tableau: ButcherTableau, g: Callable, convention: str) -> HyperSolver:
-    cls = _SOLVERS.get(name, HyperSolver)
-    if cls is HyperAlpha:
-        hs = HyperAlpha(g, alpha=tableau.c[1], convention=convention)
-    elif cls is HyperSolver:
-        hs = HyperSolver(tableau, g, convention=convention)
-    else:
-        hs = cls(g, convention=convention)
-    if not _same_method(hs.tableau, tableau):  # a class whose base is not the saved one: keep the saved tableau
-        hs = HyperSolver(tableau, g, convention=convention)
-    return hs
+    cls = _solver_class(name)
+    if cls.tableau is not None and not _same_method(cls.tableau, tableau):
+        cls = HyperSolver  # a class whose base is not the saved one: keep the saved tableau
+    return cls.from_tableau(tableau, g, convention=convention)
 
 
 def load(
@@ -263,11 +310,17 @@ def load(
             another one is refused, since g's residual is that of its own base.
 
     Raises:
-        ValueError: a truncated or corrupt file, a newer format version, a different base
-            solver, or weights that do not fit ``g`` (missing / unexpected keys, shapes).
+        ValueError: a truncated, corrupt or non-hypersolver file (a text file, ...), a newer
+            format version, a different base solver, weights that do not fit ``g`` (missing /
+            unexpected keys, shapes) or are not finite, an inconsistent tableau (order not an
+            int >= 1, ``sum(b) != 1``, row sums of ``a`` other than ``c``, non-finite
+            coefficients), a missing or ill-typed field (tableau, solver, convention, hypernet
+            class / config, validity record; named), a hypernet config whose parameter shapes
+            differ from the stored weights' (checked without building it), and
+            ``map_location='cuda'`` on a machine without CUDA.
     """
     blob = _read(path, map_location)
-    tableau = _tableau_of(blob["tableau"])
+    tableau = _tableau_of(blob["tableau"], path)
     if base is not None:
         wanted = resolve_base(base)
         if not _same_method(wanted, tableau):
@@ -278,7 +331,7 @@ def load(
             )
     state = blob["state_dict"]
     if g is None:
-        g = _rebuild_hypernet(blob["hypernet"], path)
+        g = _rebuild_hypernet(blob["hypernet"], state, path)
         floating = [v for v in state.values() if v.is_floating_point()]
         if floating:
             g.to(device=floating[0].device, dtype=floating[0].dtype)
@@ -287,6 +340,37 @@ def load(
     _check_fits(g, state, path, blob["hypernet"]["class"])
     g.load_state_dict(state)
     hs = _rebuild_solver(blob["solver"], tableau, g, blob["convention"])
+    scale = blob.get("residual_scale", 1.0)  # files from before 0.2 have none
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < float("inf"):
+        raise ValueError(f"{os.fspath(path)!s} is corrupt: residual_scale is {scale!r}, not a positive finite number")
+    hs.residual_scale = float(scale)
     if blob.get("validity") is not None:
-        hs.validity = Validity.from_dict(blob["validity"])
+        try:
+            hs.validity = Validity.from_dict(blob["validity"])
+        except ValueError as err:
+            raise ValueError(f"{os.fspath(path)!s} is corrupt: {err}") from err
     return hs
+
+
+def from_paper_state_dict(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """g's weights from a checkpoint of the paper's code, for ``hs.hypernet.load_state_dict``.
+
+    The paper's hypersolver modules hold the vector field under ``f`` and the hypernet under
+    ``g``, so their state dicts have ``f.*`` and ``g.*`` keys; ours hold g under ``hypernet``.
+    The ``'g.'`` prefix is stripped and ``f.*`` keys are left out (the vector field is yours).
+    A Lightning-style checkpoint ``{'state_dict': {...}}`` is looked into.
+
+    Raises:
+        ValueError: no ``g.*`` key, or keys that are neither ``g.*`` nor ``f.*`` (named).
+    """
+    if isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    other = sorted(k for k in state_dict if not (k.startswith("g.") or k.startswith("f.")))
+    if other:
+        raise ValueError(
+            f"a paper checkpoint holds g.* and f.* keys; got also {other[:5]}{' ...' if len(other) > 5 else ''}"
+        )
+    mapped = {k[len("g.") :]: v for k, v in state_dict.items() if k.startswith("g.")}
+    if not mapped:
+        raise ValueError(f"no g.* keys in this state dict (keys: {sorted(state_dict)[:5]}): it holds no hypernet")
+    return mapped

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import fields
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
@@ -36,17 +35,14 @@ except ImportError:  # the unified `lightning` package ships the same API
             "torchdyn_hypersolvers.lightning needs PyTorch Lightning: pip install 'torchdyn-hypersolvers[lightning]'"
         ) from err
 
-from .fit import METHODS, FitDivergedError, ResidualData, residual_data, residual_loss, trajectory_loss
+from .fit import METHODS, ResidualData, residual_data, residual_loss, trajectory_loss
 from .harvest import Trajectories
-from .models import preserved
+from .recipe import FitDivergedError, LastFinite, clip_gradients, diverged, fitting, optimizer_and_schedule
 from .solvers import HyperSolver
+from .user_model import module_device, owned_modules, preserved
 from .validity import Validity
 
 __all__ = ["HypersolverFitModule", "TrajectoryDataModule"]
-
-
-def _residual_to(data: ResidualData, device) -> ResidualData:
-    return ResidualData(*(getattr(data, f.name).to(device) for f in fields(data)))
 
 
 class _Take:
@@ -58,12 +54,8 @@ class _Take:
     def __call__(self, indices: Sequence[int]) -> Union[ResidualData, Trajectories]:
         index = torch.as_tensor(indices, dtype=torch.long)
         source = self.source
-        if isinstance(source, Trajectories):
-            return source.select(index.to(source.states.device))
-        index = index.to(source.z.device)
-        return ResidualData(
-            source.t, source.dt, source.z[:, index], source.dz[:, index], source.target[:, index], source.steps
-        )
+        on = source.states.device if isinstance(source, Trajectories) else source.z.device
+        return source.select(index.to(on))
 
 
 class TrajectoryDataModule(pl.LightningDataModule):
@@ -116,7 +108,7 @@ class TrajectoryDataModule(pl.LightningDataModule):
         """Compute the residual targets once (f frozen, in eval mode, NFE counter untouched)."""
         if self.method == "residual" and self.data is None:
             f = self.trajectories.f
-            with preserved(f if isinstance(f, nn.Module) else None):
+            with preserved(*owned_modules(f)):
                 self.data = residual_data(self.hs, self.trajectories)
 
     def train_dataloader(self) -> DataLoader:
@@ -137,9 +129,7 @@ class TrajectoryDataModule(pl.LightningDataModule):
         )
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        if isinstance(batch, ResidualData):
-            return _residual_to(batch, device)
-        if isinstance(batch, Trajectories):
+        if isinstance(batch, (ResidualData, Trajectories)):
             return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
@@ -157,6 +147,8 @@ class _ReleaseOnException(pl.Callback):
     """Lightning calls ``on_exception`` on callbacks, not on the module: undo the module's fit state."""
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, FitDivergedError) and pl_module._last is not None:
+            pl_module._last.restore_if_nonfinite()  # g keeps its last finite weights
         pl_module._release()
 
 
@@ -196,16 +188,20 @@ class HypersolverFitModule(pl.LightningModule):
         self.lr, self.lr_min, self.weight_decay, self.clip, self.iterations = lr, lr_min, weight_decay, clip, iterations
         self.loss_history: List[float] = []
         self._fields = {}
-        self._frozen = contextlib.ExitStack()
-        self._stashed: Optional[tuple] = None  # (validity before the fit,) while fitting
+        self._frozen = contextlib.ExitStack()  # the user's vector field frozen, g in fitting mode
+        self._last: Optional[LastFinite] = None  # g's weights before the latest step
 
     def _field(self, f: Callable) -> Callable:
-        """The vector field, frozen, on this module's device (a copy when the user's is elsewhere)."""
+        """The vector field, frozen, on this module's device (a copy when the user's is elsewhere);
+        a callable's modules (those it closes over) frozen."""
         if not isinstance(f, nn.Module):
+            if id(f) not in self._fields:
+                self._frozen.enter_context(preserved(*owned_modules(f)))
+                self._fields[id(f)] = f
             return f
         if id(f) not in self._fields:
             self._frozen.enter_context(preserved(f))
-            on = next((p.device for p in f.parameters()), next((b.device for b in f.buffers()), self.device))
+            on = module_device(f, self.device)
             self._fields[id(f)] = f if on == self.device else copy.deepcopy(f).to(self.device)
         return self._fields[id(f)]
 
@@ -219,32 +215,36 @@ class HypersolverFitModule(pl.LightningModule):
         nonfinite = (~torch.isfinite(loss.detach())).to(loss.dtype)
         value, bad = self.trainer.strategy.reduce(torch.stack([loss.detach(), nonfinite]), reduce_op="mean").tolist()
         if bad > 0:  # every rank sees it, so every rank stops
-            raise FitDivergedError(
-                f"the {method} loss became non-finite at step {self.global_step}; g keeps its weights from before it"
-            )
+            raise diverged(f"the {method} loss became non-finite", f"step {self.global_step}")
         self.loss_history.append(value)
         self.log("loss", value, prog_bar=True, batch_size=len(batch))
         return loss
 
     def configure_optimizers(self):
         params = [p for p in self.hs.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = self.iterations if self.iterations is not None else int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=self.lr_min)
+        optimizer, schedule = optimizer_and_schedule(params, self.lr, self.lr_min, self.weight_decay, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def backward(self, loss: Tensor, *args, **kwargs) -> None:
+        """Gradients with respect to g's parameters only: the vector field never gets a ``.grad``
+        (``inputs=`` keeps the gradient hooks of ``DistributedDataParallel`` firing)."""
+        params = [p for p in self.hs.parameters() if p.requires_grad]
+        loss.backward(*args, inputs=params, **kwargs)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._last is not None:
+            self._last.keep()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = self.clip if gradient_clip_val is None else gradient_clip_val
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        try:  # gradients are already averaged over ranks here, so every rank agrees
-            torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=True)
-        except RuntimeError as err:
-            raise FitDivergedError(
-                f"the gradient became non-finite at step {self.global_step}; g keeps its weights from before it"
-            ) from err
+        # gradients are already averaged over ranks here, so every rank agrees
+        clip_gradients(params, clip, f"step {self.global_step}")
 
     def on_fit_start(self) -> None:
-        self._stashed, self.hs.validity = (self.hs.validity,), None  # no validity warnings while g changes
+        self._frozen.enter_context(fitting(self.hs))  # no validity warnings while g changes
+        self._last = LastFinite([p for p in self.hs.parameters() if p.requires_grad])
 
     def on_fit_end(self) -> None:
         self._release()
@@ -257,8 +257,7 @@ class HypersolverFitModule(pl.LightningModule):
         return [_ReleaseOnException()]
 
     def _release(self) -> None:
-        """Unfreeze the user's vector field and put the validity record back as it was."""
+        """Unfreeze the user's vector field and put g's modes and validity record back as they were."""
         self._frozen.close()
         self._fields.clear()
-        if self._stashed is not None:
-            self.hs.validity, self._stashed = self._stashed[0], None
+        self._last = None

@@ -8,12 +8,14 @@ so every model that names it shares the same fitted g.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from torch import nn
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
-__all__ = ["register", "unregister", "registered"]
+from .names import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS
+
+__all__ = ["register", "unregister", "registered", "registered_solver"]
 
 _OURS: Dict[str, _Instance] = {}
 
@@ -31,15 +33,20 @@ class _Instance:
 def register(name: str, solver: nn.Module) -> None:
     """Register ``solver`` (a fitted hypersolver, or any fixed-step solver here) under ``name``.
 
-    Re-registering a name this package registered replaces it; a name torchdyn already
-    uses (``'euler'``, ``'dopri5'``, ...) is refused.
+    Re-registering a name this package registered replaces it; a name that already means
+    a solver (torchdyn's ``'euler'``, ``'dopri5'``, ..., this package's ``'heun'``, ``'ralston'``,
+    or a ``'library:method'`` name) is refused.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a solver name must be a non-empty string, got {name!r}")
+    if ":" in name or name in ADAPTIVE_SOLVERS:
+        raise ValueError(f"cannot register {name!r}: names with ':' are reserved for 'library:method' solvers")
     if name in SOLVER_DICT and name not in _OURS:
         raise ValueError(
             f"cannot register {name!r}: it would shadow torchdyn's solver of that name; choose another name"
         )
+    if name.lower() in FIXED_STEP_SOLVERS:
+        raise ValueError(f"cannot register {name!r}: it names this package's {name.lower()} solver; choose another")
     if not (hasattr(solver, "step") and getattr(solver, "stepping_class", None) == "fixed"):
         raise TypeError(f"register expects a fixed-step solver with a step method, got {type(solver).__name__}")
     _OURS[name] = _Instance(solver)
@@ -57,3 +64,9 @@ def unregister(name: str) -> None:
 def registered() -> List[str]:
     """The names registered so far."""
     return sorted(_OURS)
+
+
+def registered_solver(name: str) -> Optional[nn.Module]:
+    """The solver registered under ``name``, or None."""
+    entry = _OURS.get(name)
+    return None if entry is None else entry.solver

@@ -4,22 +4,33 @@ A torchdyn solver is an ``nn.Module`` with ``order``, ``stepping_class = 'fixed'
 ``sync_device_dtype(x, t_span)`` and ``step(f, x, t, dt, k1=None, args=None)``
 returning ``(None, x_next, None)``. Every class here honours it, so it works in
 ``torchdyn.core.NeuralODE(f, solver=...)`` and ``torchdyn.numerics.odeint``
-without any change to torchdyn. The stepping itself is :func:`rk_increment`.
+without any change to torchdyn.
+
+A class names its base solver as data, ``tableau = EULER``; the stepping itself is
+:func:`~.tableaus.rk_stages` and the loop over a mesh is :func:`~.loop.fixed_solve`.
+A new method is a tableau and a two-line class::
+
+    class HyperRK38(HyperSolver):
+        tableau = RK38
 """
 
 from __future__ import annotations
 
-import contextlib
+import warnings
 import weakref
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .hypernets import call_hypernet, check_convention, detect_convention
+from . import tableaus
+from .adjoint import torchdyn_adjoint_solve
+from .hypernets import call_hypernet, check_convention, check_hypernet_input, detect_convention, reads_stages
+from .loop import fixed_solve
 from .mesh import check_t_span, forward_time, map_steps, step_times
-from .tableaus import EULER, HEUN, MIDPOINT, RALSTON, ButcherTableau, alpha_tableau, get_tableau, rk_increment
-from .tableaus import RK4 as RK4_TABLEAU
+from .names import resolve_base
+from .states import check_state, state_prototype
+from .tableaus import ButcherTableau, alpha_tableau, rk_increment, rk_stages
 from .validity import Validity, check_solve
 from .validity import describe as describe_solver
 
@@ -37,81 +48,99 @@ __all__ = [
     "HyperHeun",
     "HyperRalston",
     "HyperRK4",
+    "HyperRungeKutta4",
     "HyperAlpha",
-    "resolve_base",
 ]
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
-BaseLike = Union[str, ButcherTableau, "FixedStepSolver", nn.Module]
-
-# torchdyn's own fixed-step classes, recognised by name so that no private import is needed.
-_TORCHDYN_FIXED = {"Euler": EULER, "Midpoint": MIDPOINT, "RungeKutta4": RK4_TABLEAU}
-_TORCHDYN_ADAPTIVE_NAMES = {"dopri5", "DormandPrince45", "DormandPrince5", "tsit5", "Tsitouras45", "Tsitouras5"}
-_TORCHDYN_IMPLICIT_NAMES = {"ieuler", "implicit_euler", "ImplicitEuler", "alf", "AsynchronousLeapfrog"}
+BaseLike = Union[str, ButcherTableau, nn.Module]
 
 
-def resolve_base(base: BaseLike) -> ButcherTableau:
-    """The Butcher tableau of an explicit fixed-step base solver given in any accepted form.
-
-    Accepts a name (``'euler'``, ``'midpoint'``, ``'heun'``, ``'ralston'``, ``'rk4'``), a
-    :class:`ButcherTableau`, one of this package's solvers, or torchdyn's ``Euler``,
-    ``Midpoint`` and ``RungeKutta4``. Adaptive and implicit solvers are refused.
-    """
-    if isinstance(base, ButcherTableau):
-        return base
-    if isinstance(base, (FixedStepSolver, HyperSolver)):
-        return base.tableau
-    if isinstance(base, str):
-        if base in _TORCHDYN_ADAPTIVE_NAMES:
-            raise ValueError(
-                f"base solver {base!r} is adaptive; a hypersolver needs an explicit fixed-step base "
-                "('euler', 'midpoint', 'heun', 'ralston', 'rk4')"
-            )
-        if base in _TORCHDYN_IMPLICIT_NAMES:
-            raise ValueError(
-                f"base solver {base!r} is implicit or symplectic; a hypersolver needs an explicit "
-                "fixed-step base ('euler', 'midpoint', 'heun', 'ralston', 'rk4')"
-            )
-        return get_tableau(base)
-    if isinstance(base, nn.Module):
-        name = type(base).__name__
-        if getattr(base, "stepping_class", None) == "adaptive":
-            raise ValueError(f"base solver {name} is adaptive; a hypersolver needs an explicit fixed-step base")
-        if name in _TORCHDYN_FIXED and not hasattr(base, "hypernet"):
-            return _TORCHDYN_FIXED[name]
-        raise ValueError(
-            f"base solver {name} is not an explicit Runge-Kutta method this package knows; pass a name, "
-            "a ButcherTableau, or torchdyn's Euler / Midpoint / RungeKutta4"
-        )
-    raise TypeError(f"cannot use {base!r} as a base solver")
+def _own_tableau(cls: type, base: Optional[BaseLike]) -> ButcherTableau:
+    """The class's own tableau, or the one given (classes that name none need one)."""
+    named = cls.tableau
+    if named is None:
+        if base is None:
+            raise TypeError(f"{cls.__name__} needs a base solver: {cls.__name__}(base, ...)")
+        return resolve_base(base)
+    if base is not None and resolve_base(base) != named:
+        raise TypeError(f"{cls.__name__} is {named.name}; it takes no other base solver (got {base!r})")
+    return named
 
 
-def _check_state(x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"fixed-step solvers here integrate a single tensor state, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(
-            f"got a state of shape {tuple(x.shape)} with no batch dimension; states must be (B, ...). "
-            "torchdyn hands the flattened adjoint state to the forward solver when "
-            "sensitivity='adjoint' and no solver_adjoint is given: pass a classical one, "
-            "e.g. NeuralODE(f, solver=hs, sensitivity='adjoint', solver_adjoint='dopri5')."
-        )
+def _split_extras(cls: type, extras: Sequence[Any], dtype, convention):
+    """Trailing positional arguments: a dtype (torchdyn's signature) or a convention name."""
+    for extra in extras:
+        if isinstance(extra, torch.dtype):
+            dtype = extra
+        elif isinstance(extra, str):
+            convention = extra
+        else:
+            raise TypeError(f"{cls.__name__}: unexpected argument {extra!r}; expected a torch.dtype or a convention")
+    return dtype, convention
+
+
+class _InitialState:
+    """The current solve's initial state, for a stage-aware g. Not a copy of the state: copies and
+    pickles of the solver start empty (a non-leaf z0 could not be deep-copied, nor should it travel)."""
+
+    __slots__ = ("z0",)
+
+    def __init__(self) -> None:
+        self.z0: Optional[Tensor] = None
+
+    def __deepcopy__(self, memo) -> _InitialState:
+        return _InitialState()
+
+    def __reduce__(self):
+        return (_InitialState, ())
+
+
+def _parameter_dtype(g) -> Optional[torch.dtype]:
+    """The dtype of g's first floating-point parameter, or None (g has none)."""
+    if isinstance(g, nn.Module):
+        for p in g.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
 
 
 class FixedStepSolver(nn.Module):
-    """A classical explicit Runge-Kutta solver, defined by its tableau, as a torchdyn solver."""
+    """A classical explicit Runge-Kutta solver, defined by its tableau, as a torchdyn solver.
+
+    ``FixedStepSolver(base)`` runs any base (a name, a :class:`ButcherTableau`, ...);
+    the subclasses name theirs: ``Euler()``, ``RK4()``. ``dtype`` is accepted for
+    torchdyn's signature; the state's dtype is what the solve uses.
+    """
 
     stepping_class = "fixed"
+    tableau: ClassVar[Optional[ButcherTableau]] = None
 
-    def __init__(self, base: BaseLike):
+    def __init__(self, *args: Any, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.tableau = resolve_base(base)
+        base = None
+        if args and not isinstance(args[0], torch.dtype):
+            base, args = args[0], args[1:]
+        if len(args) > 1:
+            raise TypeError(f"{type(self).__name__} takes at most a base and a dtype, got {len(args) + 1} arguments")
+        self.dtype, _ = _split_extras(type(self), args, dtype, None)
+        self.tableau = _own_tableau(type(self), base)
         self.order = self.tableau.order
 
     def sync_device_dtype(self, x: Tensor, t_span: Tensor) -> Tuple[Tensor, Tensor]:
-        """torchdyn hook: put ``t_span`` on ``x``'s device."""
-        _check_state(x)
-        return x, t_span.to(x.device)
+        """torchdyn hook (once per solve): the fast path's checks, then ``t_span`` on ``x``'s device.
+
+        Any tensor shape is accepted, and dict states as by torchdyn's ``SolverTemplate``
+        (they need a ``step`` that handles them, e.g. a subclass's)."""
+        t_span = check_t_span(t_span)
+        proto = state_prototype(x)
+        if isinstance(x, Tensor):
+            self.check_inputs(x, t_span)
+        return x, t_span.to(proto.device)
+
+    def check_inputs(self, x: Tensor, t_span: Tensor) -> None:
+        """Refuse, by name, a state this solver cannot integrate (run once per solve)."""
+        check_state(x)
 
     def step(self, f: VectorField, x: Tensor, t: Tensor, dt: Tensor, k1: Optional[Tensor] = None, args=None):
         """One step ``x + dt * psi(t, x)``; torchdyn's ``(None, x_next, None)`` return."""
@@ -121,7 +150,7 @@ class FixedStepSolver(nn.Module):
     def solve(self, f: VectorField, z0: Tensor, t_span, return_trajectory: bool = True, **fast) -> Tensor:
         """Integrate over ``t_span``; the trajectory ``[T, ...]`` or only the final state.
 
-        ``fast`` options (``compile``, ``cuda_graph``) as in :func:`fixed_solve`."""
+        ``fast`` options (``compile``, ``cuda_graph``) as in :func:`~.loop.fixed_solve`."""
         return fixed_solve(self, f, z0, t_span, return_trajectory, **fast)
 
     def extra_repr(self) -> str:
@@ -131,43 +160,38 @@ class FixedStepSolver(nn.Module):
 class Euler(FixedStepSolver):
     """Forward Euler, order 1, one f evaluation per step."""
 
-    def __init__(self):
-        super().__init__(EULER)
+    tableau = tableaus.EULER
 
 
 class Midpoint(FixedStepSolver):
     """Explicit midpoint, order 2, two f evaluations per step."""
 
-    def __init__(self):
-        super().__init__(MIDPOINT)
+    tableau = tableaus.MIDPOINT
 
 
 class Heun(FixedStepSolver):
     """Heun's method (explicit trapezoid), order 2, two f evaluations per step. Not in torchdyn."""
 
-    def __init__(self):
-        super().__init__(HEUN)
+    tableau = tableaus.HEUN
 
 
 class Ralston(FixedStepSolver):
     """Ralston's method (alpha = 2/3, b = (1/4, 3/4)), order 2. Not in torchdyn."""
 
-    def __init__(self):
-        super().__init__(RALSTON)
+    tableau = tableaus.RALSTON
 
 
 class RK4(FixedStepSolver):
     """Classical Runge-Kutta, order 4, four f evaluations per step."""
 
-    def __init__(self):
-        super().__init__(RK4_TABLEAU)
+    tableau = tableaus.RK4
 
 
 class Alpha(FixedStepSolver):
     """The two-stage, second-order alpha family (1/2 midpoint, 1 Heun, 2/3 Ralston)."""
 
-    def __init__(self, alpha: float):
-        super().__init__(alpha_tableau(alpha))
+    def __init__(self, alpha: float, dtype: Optional[torch.dtype] = None):
+        super().__init__(alpha_tableau(alpha), dtype=dtype)
 
 
 class HyperSolver(nn.Module):
@@ -175,24 +199,70 @@ class HyperSolver(nn.Module):
 
     One step is ``z + dt * psi(t, z) + dt**(p+1) * g(dt, t, z, f(t, z))``. ``f(t, z)`` is
     the base solver's first stage, computed once and reused as g's input, so the
-    correction costs one call of g and no extra evaluation of f.
+    correction costs one call of g and no extra evaluation of f. Under the stage-aware
+    conventions (``'stages'``, ``'concat_stages'``) g reads every stage ``k_1..k_s`` of the
+    step and the solve's initial state ``z0`` (recorded by :meth:`check_inputs`, once per
+    solve), still at ``tableau.stages`` evaluations of f per step.
+
+    ``HyperSolver(base, hypernet)`` corrects any base; the subclasses name theirs
+    (``HyperEuler(hypernet)``, as torchdyn's ``HyperEuler(hypernet, dtype=...)``).
 
     Args:
-        base: the explicit fixed-step base solver (see :func:`resolve_base`).
-        g: the hypernet, in any of the conventions of :mod:`.hypernets`.
-        convention: ``'concat'``, ``'tx'`` or ``'explicit'``; read from g when omitted.
+        base: the explicit fixed-step base solver (see :func:`~.names.resolve_base`).
+        hypernet: g, in any of the conventions of :mod:`.hypernets`.
+        dtype: accepted for torchdyn's signature; the state's dtype is what a solve uses.
+        convention: ``'concat'``, ``'tx'``, ``'dt_t_z_dz'``, ``'stages'`` or ``'concat_stages'``;
+            read from g when omitted (the stage-aware two only from ``g.hypernet_convention``).
     """
 
     stepping_class = "fixed"
+    tableau: ClassVar[Optional[ButcherTableau]] = None
+    _uncorrected = False  # True while solving torchdyn's adjoint: see sync_device_dtype
     validity: Optional[Validity] = None
     """Where g was fitted (set by ``fit`` and ``load``); solves outside it warn. None: unchecked."""
+    residual_scale: float = 1.0
+    """g's output is multiplied by this: ``fit(..., balance_meshes=True)`` sets it to the residual
+    targets' root mean square, so that g learns numbers of order one even where a high-order base
+    leaves residuals of 1e-4 (saved and loaded with g)."""
 
-    def __init__(self, base: BaseLike, g: Callable, convention: Optional[str] = None):
+    def __init__(self, *args: Any, dtype: Optional[torch.dtype] = None, convention: Optional[str] = None):
         super().__init__()
-        self.tableau = resolve_base(base)
-        self.order = self.tableau.order
-        self.hypernet = g  # torchdyn's attribute name: state_dict keys match its HyperEuler
-        self.convention = check_convention(convention) if convention else detect_convention(g)
+        base = None
+        if type(self).tableau is None:
+            if not args:
+                raise TypeError(f"{type(self).__name__}(base, hypernet) needs a base solver and a hypernet")
+            base, args = args[0], args[1:]
+        if not 1 <= len(args) <= 2:
+            raise TypeError(
+                f"{type(self).__name__} takes a hypernet and optionally a dtype or convention, "
+                f"got {len(args)} more positional arguments"
+            )
+        hypernet, extras = args[0], args[1:]
+        dtype, convention = _split_extras(type(self), extras, dtype, convention)
+        self._setup(_own_tableau(type(self), base), hypernet, dtype, convention)
+
+    def _setup(self, tableau: ButcherTableau, hypernet: Callable, dtype, convention: Optional[str]) -> None:
+        self.tableau, self.order, self.dtype = tableau, tableau.order, dtype
+        self.hypernet = hypernet  # torchdyn's attribute name: state_dict keys match its HyperEuler
+        self.convention = check_convention(convention) if convention else detect_convention(hypernet)
+
+    @property
+    def reads_stages(self) -> bool:
+        """Whether g reads every stage of the base step and the solve's initial state z0."""
+        return reads_stages(self.convention)
+
+    @property
+    def op1(self) -> int:
+        """``order + 1``, the power of ``dt`` on g's correction (torchdyn's attribute name)."""
+        return self.order + 1
+
+    @classmethod
+    def from_tableau(cls, tableau: ButcherTableau, hypernet: Callable, convention: Optional[str] = None) -> HyperSolver:
+        """An instance of this class on ``tableau`` (how :func:`~.io.load` rebuilds any subclass)."""
+        hs = cls.__new__(cls)
+        nn.Module.__init__(hs)
+        hs._setup(tableau, hypernet, None, convention)
+        return hs
 
     @property
     def g(self) -> Callable:
@@ -201,36 +271,150 @@ class HyperSolver(nn.Module):
     @property
     def base_solver(self) -> FixedStepSolver:
         """The uncorrected base solver (one instance, so its compiled steps are cached)."""
-        cache = _cache(self)
-        if cache.get("base") is None or cache["base"].tableau != self.tableau:
-            cache["base"] = FixedStepSolver(self.tableau)
-        return cache["base"]
+        base = self.__dict__.get("_base_solver")
+        if base is None or base.tableau != self.tableau:
+            base = self.__dict__["_base_solver"] = FixedStepSolver(self.tableau)  # not a submodule
+        return base
 
     def sync_device_dtype(self, x: Tensor, t_span: Tensor) -> Tuple[Tensor, Tensor]:
-        """torchdyn hook (once per solve): check the validity record, put ``t_span`` on ``x``'s device."""
-        _check_state(x)
+        """torchdyn hook (once per solve): the fast path's checks, then ``t_span`` on ``x``'s device.
+
+        When the solve is torchdyn's adjoint (backward) solve, it is done with the base tableau
+        and no correction: g was fitted to the forward state's residuals, not to the adjoint
+        state's (another size and another vector field), so its correction there would be
+        noise. A UserWarning says so, once per solver instance."""
+        t_span = check_t_span(t_span)
+        proto = state_prototype(x)
+        sensitivity = torchdyn_adjoint_solve()
+        if sensitivity is not None:
+            self._uncorrected = True
+            self._reset_after_backward()
+            self._warn_uncorrected_adjoint(sensitivity)
+        elif isinstance(x, Tensor):
+            self.check_inputs(x, t_span)
+        else:  # a dict state: g is not called on it by the default step
+            self._uncorrected = False
+        return x, t_span.to(proto.device)
+
+    def _reset_after_backward(self) -> None:
+        """Correct again once this backward pass ends, so that a later direct ``step()`` call is
+        corrected (every solve also resets it: :meth:`check_inputs`)."""
+        if self.__dict__.get("_reset_queued"):
+            return
+        solver = weakref.ref(self)
+
+        def reset() -> None:
+            hs = solver()
+            if hs is not None:
+                hs._uncorrected = False
+                hs.__dict__["_reset_queued"] = False
+
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(reset)
+        except (AttributeError, RuntimeError):  # not inside autograd's engine: the next solve resets it
+            return
+        self.__dict__["_reset_queued"] = True
+
+    def _warn_uncorrected_adjoint(self, sensitivity: str) -> None:
+        if self.__dict__.get("_adjoint_warned"):
+            return
+        self.__dict__["_adjoint_warned"] = True
+        how = (
+            "pass solver_adjoint=... (e.g. 'rk4' or 'dopri5') to choose it"
+            if sensitivity == "adjoint"
+            else "torchdyn's interpolated_adjoint always reuses the forward solver; use sensitivity='autograd' "
+            "or 'adjoint' with solver_adjoint=... to choose it"
+        )
+        warnings.warn(
+            f"{type(self).__name__} is solving the adjoint of torchdyn's sensitivity={sensitivity!r} with its base "
+            f"solver {self.tableau.name} and no correction: g was fitted for the forward state, not the adjoint's; "
+            f"{how}. (Shown once per solver.)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def check_inputs(self, x: Tensor, t_span: Tensor) -> None:
+        """Refuse a state g cannot take (dtype, shape, input size) and warn outside g's validity
+        record; once per solve (the next steps are corrected)."""
+        self._uncorrected = False
+        check_state(x)
+        g_dtype = _parameter_dtype(self.hypernet)
+        if g_dtype is not None and g_dtype != x.dtype:
+            raise TypeError(
+                f"the state is {x.dtype} but g ({type(self.hypernet).__name__}) has {g_dtype} parameters; "
+                f"cast one to the other, e.g. hs.to({x.dtype})"
+            )
+        check_hypernet_input(self.hypernet, self.convention, x, self.tableau.stages)
         check_solve(self, x, t_span)
-        return x, t_span.to(x.device)
+        self.record_initial_state(x)
+
+    def record_initial_state(self, z0: Tensor) -> None:
+        """Keep the solve's initial state for g (only under the stage-aware conventions, which
+        read it); :meth:`check_inputs` calls it at the start of every solve."""
+        holder = self.__dict__.get("_initial_state")
+        if holder is None:
+            holder = self.__dict__["_initial_state"] = _InitialState()
+        holder.z0 = z0 if self.reads_stages else None
+
+    def _z0(self) -> Tensor:
+        holder = self.__dict__.get("_initial_state")
+        z0 = holder.z0 if holder is not None else None
+        if z0 is None:
+            raise RuntimeError(
+                f"g reads the solve's initial state z0 (the {self.convention!r} convention) but none was recorded: "
+                "solve with hs.solve / torchdyn's odeint, or call hs.record_initial_state(z0) before step()"
+            )
+        return z0
 
     def describe(self) -> str:
         """What this hypersolver is, what it was fitted on, and where it is valid."""
         return describe_solver(self)
 
-    def correction(self, dt: Tensor, t: Tensor, z: Tensor, dz: Tensor) -> Tensor:
-        """g's predicted residual at one step, checked to have z's shape."""
-        out = call_hypernet(self.hypernet, self.convention, dt, t, z, dz)
+    def correction(
+        self, dt: Tensor, t: Tensor, z: Tensor, dz: Tensor,
+        stages: Optional[Sequence[Tensor]] = None, z0: Optional[Tensor] = None,
+    ) -> Tensor:
+        """g's predicted residual at one step, checked to have z's shape. The stage-aware
+        conventions also read ``stages`` (all of the base step's; ``stages[0] == dz``) and ``z0``."""
+        if self.reads_stages and (stages is None or z0 is None):
+            raise TypeError(
+                f"g reads all stages of the base step and z0 (the {self.convention!r} convention): "
+                "call correction(dt, t, z, dz, stages, z0); correction_inputs(f, t, z, dt, z0) builds them"
+            )
+        out = call_hypernet(self.hypernet, self.convention, dt, t, z, dz, stages, z0)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"hypernet {type(self.hypernet).__name__} returned {type(out).__name__}, not a tensor")
+        if out.dtype != z.dtype:
+            raise TypeError(
+                f"hypernet {type(self.hypernet).__name__} returned {out.dtype} for a {z.dtype} state; "
+                "they must match (a different dtype would silently change the solution's)"
+            )
         if out.shape != z.shape:
             raise ValueError(
                 f"hypernet {type(self.hypernet).__name__} returned shape {tuple(out.shape)} "
                 f"for a state of shape {tuple(z.shape)}; they must match"
             )
-        return out
+        return out if self.residual_scale == 1.0 else out * self.residual_scale
 
     def step(self, f: VectorField, x: Tensor, t: Tensor, dt: Tensor, k1: Optional[Tensor] = None, args=None):
-        """One corrected step; torchdyn's ``(None, x_next, None)`` return."""
-        _check_state(x)
-        psi, k1 = rk_increment(self.tableau, f, t, x, dt, k1)
-        return None, x + dt * psi + dt ** (self.order + 1) * self.correction(dt, t, x, k1), None
+        """One corrected step; torchdyn's ``(None, x_next, None)`` return. (The base step, as
+        :class:`FixedStepSolver`'s, while solving torchdyn's adjoint: see :meth:`sync_device_dtype`.)"""
+        psi, stages = rk_stages(self.tableau, f, t, x, dt, k1)
+        if self._uncorrected:
+            return None, x + dt * psi, None
+        if self.reads_stages:
+            g = self.correction(dt, t, x, stages[0], stages, self._z0())
+        else:
+            g = self.correction(dt, t, x, stages[0])
+        return None, x + dt * psi + dt ** (self.order + 1) * g, None
+
+    def correction_inputs(self, f: VectorField, t: Tensor, z: Tensor, dt: Tensor, z0: Optional[Tensor] = None):
+        """The arguments of :meth:`correction` at one step from ``z`` (``z0`` defaults to ``z``):
+        ``(dt, t, z, f(t, z))``, plus the base step's stages and ``z0`` when g reads them."""
+        if not self.reads_stages:
+            return dt, t, z, f(t, z)
+        _, stages = rk_stages(self.tableau, f, t, z, dt)
+        return dt, t, z, stages[0], stages, z if z0 is None else z0
 
     def solve(
         self, f: VectorField, z0: Tensor, t_span, correct: bool = True, return_trajectory: bool = True, **fast
@@ -238,7 +422,7 @@ class HyperSolver(nn.Module):
         """Integrate over ``t_span`` with the correction on (or off: the base solver).
 
         The fast path: same numbers as torchdyn's ``odeint`` with this solver, without its
-        per-step overhead. ``fast`` options (``compile``, ``cuda_graph``) as in :func:`fixed_solve`."""
+        per-step overhead. ``fast`` options (``compile``, ``cuda_graph``) as in :func:`~.loop.fixed_solve`."""
         return fixed_solve(self if correct else self.base_solver, f, z0, t_span, return_trajectory, **fast)
 
     # -- the paper's template methods (supplement B.1), vectorised over all steps --
@@ -248,24 +432,52 @@ class HyperSolver(nn.Module):
         on a trajectory ``[T, B, ...]``, for all steps in one batched call: ``[T-1, B, ...]``."""
         return self.residual_targets(f, traj, t_span)[0]
 
-    def residual_targets(self, f: VectorField, traj: Tensor, t_span) -> Tuple[Tensor, Tensor]:
-        """``(base residuals, f(t_k, z[k]))`` on a trajectory: what g is fitted to, and its input."""
-        t, dt, z, z_next, f = _steps_of(f, traj, t_span)
-        psi, k1 = map_steps(lambda t_, dt_, z_: rk_increment(self.tableau, f, t_, z_, dt_), t, dt, z)
-        dt_b = _broadcast(dt, z)
-        return (z_next - z - dt_b * psi) / dt_b ** (self.order + 1), k1
+    def residual_targets(self, f: VectorField, traj: Tensor, t_span, with_stages: bool = False):
+        """``(base residuals, f(t_k, z[k]))`` on a trajectory: what g is fitted to, and its input.
 
-    def hypersolver_residuals(self, f: VectorField, traj: Tensor, t_span, dz: Optional[Tensor] = None) -> Tensor:
+        With ``with_stages=True`` the second item is the tuple of all the base step's stage
+        evaluations ``(k_1, ..., k_s)``, each ``[T-1, B, ...]`` (what a stage-aware g reads)."""
+        t, dt, z, z_next, f = _steps_of(f, traj, t_span)
+        psi, stages = map_steps(lambda t_, dt_, z_: rk_stages(self.tableau, f, t_, z_, dt_), t, dt, z)
+        stages = tuple(stages)
+        dt_b = _broadcast(dt, z)
+        return (z_next - z - dt_b * psi) / dt_b ** (self.order + 1), stages if with_stages else stages[0]
+
+    def hypersolver_residuals(
+        self,
+        f: VectorField,
+        traj: Tensor,
+        t_span,
+        dz: Optional[Tensor] = None,
+        stages: Optional[Sequence[Tensor]] = None,
+    ) -> Tensor:
         """g's predicted residuals at every step of a trajectory, in one batched call of g.
 
-        ``dz`` (``f`` at the trajectory's points) is recomputed when not given."""
+        ``dz`` (``f`` at the trajectory's points) is recomputed when not given; so are the
+        base step's ``stages`` when g reads them (then ``z0`` is the trajectory's first state)."""
         t, dt, z, _, f = _steps_of(f, traj, t_span)
-        if dz is None:
-            dz = map_steps(f, t, z)
-        return map_steps(self.correction, dt, t, z, dz)
+        if not self.reads_stages:
+            if dz is None:
+                dz = map_steps(f, t, z)
+            return map_steps(self.correction, dt, t, z, dz)
+        if stages is None:
+            _, stages = map_steps(lambda t_, dt_, z_: rk_stages(self.tableau, f, t_, z_, dt_), t, dt, z)
+        return map_stage_corrections(self, dt, t, z, tuple(stages), traj[0])
 
     def extra_repr(self) -> str:
         return f"base={self.tableau.name}, order={self.order}, convention={self.convention!r}"
+
+
+def map_stage_corrections(
+    hs: HyperSolver, dt: Tensor, t: Tensor, z: Tensor, stages: Sequence[Tensor], z0: Tensor
+) -> Tensor:
+    """A stage-aware g's residuals at every step ``[S, N, ...]`` in one batched call; ``stages``
+    each ``[S, N, ...]``, ``z0`` the trajectories' initial states ``[N, ...]`` (the same at every step)."""
+
+    def at_step(dt_: Tensor, t_: Tensor, z_: Tensor, *stages_: Tensor) -> Tensor:
+        return hs.correction(dt_, t_, z_, stages_[0], stages_, z0)
+
+    return map_steps(at_step, dt, t, z, *stages)
 
 
 def _steps_of(f: VectorField, traj: Tensor, t_span):
@@ -285,134 +497,58 @@ def _broadcast(per_step: Tensor, like: Tensor) -> Tensor:
     return per_step.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def fixed_solve(
-    stepper: nn.Module,
-    f: VectorField,
-    z0: Tensor,
-    t_span,
-    return_trajectory: bool = True,
-    compile: Union[bool, str] = False,
-    cuda_graph: bool = False,
-) -> Tensor:
-    """Run ``stepper.step`` over ``t_span``, the fast path.
-
-    No comparisons against the mesh and no host synchronisation inside the loop (the
-    step sizes are computed once); only the states asked for are kept; under
-    ``torch.no_grad()`` the loop runs in ``torch.inference_mode()``.
-
-    Args:
-        compile: ``True`` (inductor) or a ``torch.compile`` backend name: the step is
-            compiled once per (solver, vector field, direction) and reused.
-        cuda_graph: capture the whole solve as one CUDA graph and replay it (CUDA
-            tensors, no gradient); one capture per (shape, dtype, mesh, vector field).
-    """
-    _check_state(z0)
-    t_span = check_t_span(t_span)
-    check_solve(stepper, z0, t_span)
-    t_span = t_span.to(z0.device)
-    user_f, backwards = f, bool(t_span[1] < t_span[0])
-    f, t_span = forward_time(f, t_span)
-    ts, dts = t_span[:-1].unbind(0), (t_span[1:] - t_span[:-1]).unbind(0)
-    step = _compiled_step(stepper, user_f, f, backwards, compile) if compile else _eager_step(stepper, f)
-    if cuda_graph:
-        return _graphed(stepper, user_f, step, z0, t_span, ts, dts, return_trajectory)
-    mode = torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext()
-    with mode:
-        return _loop(step, z0, ts, dts, return_trajectory)
-
-
-def _eager_step(stepper: nn.Module, f: VectorField) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    return lambda z, t, dt: stepper.step(f, z, t, dt)[1]
-
-
-def _loop(step, z0: Tensor, ts, dts, return_trajectory: bool) -> Tensor:
-    z, traj = z0, [z0]
-    for t, dt in zip(ts, dts):
-        z = step(z, t, dt)
-        if return_trajectory:
-            traj.append(z)
-    return torch.stack(traj) if return_trajectory else z
-
-
-_CACHES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
-
-
-def _cache(stepper: nn.Module) -> dict:
-    return _CACHES.setdefault(stepper, {})
-
-
-def _compiled_step(stepper, user_f, f, backwards: bool, compile: Union[bool, str]):
-    backend = "inductor" if compile is True else compile
-    key = ("compiled", id(user_f), backwards, backend)
-    cache = _cache(stepper)
-    if key not in cache or cache[key][0] is not user_f:
-        cache[key] = (user_f, torch.compile(_eager_step(stepper, f), backend=backend, dynamic=False))
-    return cache[key][1]
-
-
-def _graphed(stepper, user_f, step, z0: Tensor, t_span: Tensor, ts, dts, return_trajectory: bool) -> Tensor:
-    if z0.device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs CUDA tensors, got a state on {z0.device}")
-    if torch.is_grad_enabled() and (z0.requires_grad or any(p.requires_grad for p in stepper.parameters())):
-        raise ValueError("cuda_graph=True is for inference: call it under torch.no_grad() or torch.inference_mode()")
-    key = ("graph", id(user_f), tuple(z0.shape), z0.dtype, z0.device, tuple(t_span.tolist()), return_trajectory)
-    cache = _cache(stepper)
-    if key not in cache or cache[key][0] is not user_f:
-        static_z0 = z0.detach().clone()
-        with torch.no_grad():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
-                for _ in range(2):
-                    _loop(step, static_z0, ts, dts, return_trajectory)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = _loop(step, static_z0, ts, dts, return_trajectory)
-        cache[key] = (user_f, graph, static_z0, static_out)
-    _, graph, static_z0, static_out = cache[key]
-    static_z0.copy_(z0)
-    graph.replay()
-    return static_out.clone()
-
-
 class HyperEuler(HyperSolver):
-    """Euler corrected by g: one f and one g evaluation per step (p = 1)."""
+    """Euler corrected by g (p = 1): one evaluation of f and one of g per step.
 
-    def __init__(self, g: Callable, convention: Optional[str] = None):
-        super().__init__(EULER, g, convention)
+    The cheapest hypersolver, and the paper's choice for image classifiers; torchdyn's
+    ``HyperEuler`` with the same ``hypernet`` attribute and ``state_dict`` keys.
+    """
+
+    tableau = tableaus.EULER
 
 
 class HyperMidpoint(HyperSolver):
-    """Midpoint corrected by g (p = 2)."""
+    """The explicit midpoint method corrected by g (p = 2): two evaluations of f, one of g.
 
-    def __init__(self, g: Callable, convention: Optional[str] = None):
-        super().__init__(MIDPOINT, g, convention)
+    torchdyn's ``HyperMidpoint``; the paper's choice for base-solver generalisation.
+    """
+
+    tableau = tableaus.MIDPOINT
 
 
 class HyperHeun(HyperSolver):
-    """Heun corrected by g (p = 2); the paper's choice for CNF sampling."""
+    """Heun's method corrected by g (p = 2): two evaluations of f, one of g per step.
 
-    def __init__(self, g: Callable, convention: Optional[str] = None):
-        super().__init__(HEUN, g, convention)
+    The paper's choice for sampling continuous normalizing flows, where its g reads both
+    stages and the initial state (``convention='concat_stages'``).
+    """
+
+    tableau = tableaus.HEUN
 
 
 class HyperRalston(HyperSolver):
-    """Ralston corrected by g (p = 2)."""
+    """Ralston's method (alpha = 2/3) corrected by g (p = 2): two evaluations of f, one of g."""
 
-    def __init__(self, g: Callable, convention: Optional[str] = None):
-        super().__init__(RALSTON, g, convention)
+    tableau = tableaus.RALSTON
 
 
 class HyperRK4(HyperSolver):
-    """RK4 corrected by g (p = 4)."""
+    """Classical RK4 corrected by g (p = 4): four evaluations of f, one of g per step.
 
-    def __init__(self, g: Callable, convention: Optional[str] = None):
-        super().__init__(RK4_TABLEAU, g, convention)
+    Its residual is divided by dt**5: fit it on precise targets (``harvest(..., base=hs)``).
+    """
+
+    tableau = tableaus.RK4
+
+
+HyperRungeKutta4 = HyperRK4
+"""torchdyn's name for the same solver."""
 
 
 class HyperAlpha(HyperSolver):
     """A member of the two-stage alpha family corrected by g (p = 2)."""
 
-    def __init__(self, g: Callable, alpha: float, convention: Optional[str] = None):
-        super().__init__(alpha_tableau(alpha), g, convention)
+    def __init__(
+        self, hypernet: Callable, alpha: float, convention: Optional[str] = None, dtype: Optional[torch.dtype] = None
+    ):
+        super().__init__(alpha_tableau(alpha), hypernet, dtype=dtype, convention=convention)

@@ -2,8 +2,9 @@
 
 A base solver is a :class:`ButcherTableau`: the stage matrix ``a`` (strictly lower
 triangular, stored row by row), the weights ``b`` and the nodes ``c``. The single
-function :func:`rk_increment` evaluates any of them; every fixed-step solver,
-hypersolver, residual computation and evaluation in this package goes through it.
+function :func:`rk_stages` evaluates any of them (:func:`rk_increment` is the same step
+handing back only the first stage); every fixed-step solver, hypersolver, residual
+computation and evaluation in this package goes through it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ __all__ = [
     "RK4",
     "alpha_tableau",
     "rk_increment",
+    "rk_stages",
     "TABLEAUS",
-    "get_tableau",
 ]
 
 
@@ -111,33 +112,18 @@ def alpha_tableau(alpha: float) -> ButcherTableau:
 
 
 TABLEAUS = {t.name: t for t in (EULER, MIDPOINT, HEUN, RALSTON, RK4)}
-"""The base solvers reachable by name."""
+"""The base solvers reachable by name (see :mod:`.names` for the naming rule)."""
 
 
-def get_tableau(name: str) -> ButcherTableau:
-    """Look up a base solver by name (``'euler'``, ``'midpoint'``, ``'heun'``, ``'ralston'``, ``'rk4'``)."""
-    try:
-        return TABLEAUS[name.lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown base solver {name!r}; the explicit fixed-step bases are {sorted(TABLEAUS)}"
-        ) from None
+def rk_stages(
+    tableau: ButcherTableau, f: VectorField, t: Tensor, z: Tensor, dt: Tensor, k1: Optional[Tensor] = None
+) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """One explicit Runge-Kutta step, as an increment and all its stage evaluations.
 
-
-def rk_increment(
-    tableau: ButcherTableau,
-    f: VectorField,
-    t: Tensor,
-    z: Tensor,
-    dt: Tensor,
-    k1: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
-    """One explicit Runge-Kutta step, as an increment.
-
-    Returns ``(psi, k1)`` such that the base solver's step is ``z + dt * psi``;
-    ``k1 = f(t, z)`` is handed back so that callers (the hypersolver correction)
-    reuse it instead of evaluating f again. Pass ``k1`` when it is already known.
-    Exactly ``tableau.stages`` evaluations of f (one fewer when ``k1`` is given),
+    Returns ``(psi, (k_1, ..., k_s))`` such that the base solver's step is ``z + dt * psi``;
+    the stages (``k_1 = f(t, z)``) are handed back so that callers (the hypersolver
+    correction) reuse them instead of evaluating f again. Pass ``k1`` when it is already
+    known. Exactly ``tableau.stages`` evaluations of f (one fewer when ``k1`` is given),
     no host synchronisation: coefficients are Python floats, zeros are skipped.
     """
     if k1 is None:
@@ -146,7 +132,15 @@ def rk_increment(
     for row, c in zip(tableau.a, tableau.c[1:]):
         z_stage = z + dt * _combine(row, stages)
         stages.append(f(t + c * dt, z_stage))
-    return _combine(tableau.b, stages), k1
+    return _combine(tableau.b, stages), tuple(stages)
+
+
+def rk_increment(
+    tableau: ButcherTableau, f: VectorField, t: Tensor, z: Tensor, dt: Tensor, k1: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """:func:`rk_stages` handing back only the first stage: ``(psi, k1)``, ``k1 = f(t, z)``."""
+    psi, stages = rk_stages(tableau, f, t, z, dt, k1)
+    return psi, stages[0]
 
 
 def _combine(weights: Sequence[float], stages: Sequence[Tensor]) -> Tensor:

@@ -1,16 +1,18 @@
-"""Finding the vector field in a user's model, computing z(0), and leaving the model as it was."""
+"""The user's model as the package sees it: its vector field, the layers that make z(0),
+and a guard that leaves it exactly as it was."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torchdyn.core import NeuralODE
 
-__all__ = ["resolve_model", "preserved", "module_device"]
+__all__ = ["resolve_model", "preserved", "module_device", "owned_modules", "closure_state", "check_vector_field"]
 
 
 class _ReachedNeuralODE(Exception):
@@ -53,8 +55,86 @@ def resolve_model(model) -> Tuple[Callable, Callable[[Tensor], Tensor], Optional
             "pass a NeuralODE, a module that contains one, or a vector field"
         )
     if callable(model):
+        check_vector_field(model)
         return model, _identity, None
     raise TypeError(f"cannot harvest from {type(model).__name__}")
+
+
+def check_vector_field(fn: Callable) -> None:
+    """Refuse (``TypeError``) a callable that cannot be called as ``f(t, z)``."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C extension without a signature: nothing to check
+    try:
+        signature.bind(0.0, 0.0)
+    except TypeError:
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        raise TypeError(
+            f"{name}{signature} is not a vector field f(t, z): it is called with two arguments, the time t "
+            "and the state z (write it as def f(t, z), or pass a NeuralODE or an nn.Module)"
+        ) from None
+
+
+def closure_state(fn: Callable, depth: int = 3) -> Tuple[List[nn.Module], List[Tensor]]:
+    """The modules and tensors a callable reaches: its closure cells, a bound method's object, a
+    ``functools.partial``'s function and arguments, the attributes of a callable object, and the
+    module-level names its code refers to (searched ``depth`` levels deep, through functions)."""
+    modules: Dict[int, nn.Module] = {}
+    tensors: Dict[int, Tensor] = {}
+    seen = set()
+
+    def visit(obj, depth: int) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            modules[id(obj)] = obj
+            return
+        if isinstance(obj, Tensor):
+            tensors[id(obj)] = obj
+            return
+        if depth < 0:
+            return
+        if isinstance(obj, (list, tuple)):
+            for item in obj[:64]:
+                visit(item, depth - 1)
+        elif isinstance(obj, dict):
+            for item in list(obj.values())[:64]:
+                visit(item, depth - 1)
+        elif isinstance(obj, functools.partial):
+            for item in (obj.func, *obj.args, *obj.keywords.values()):
+                visit(item, depth - 1)
+        elif inspect.ismethod(obj):
+            visit(obj.__self__, depth - 1)
+            visit(obj.__func__, depth)
+        elif inspect.isfunction(obj):
+            for cell in obj.__closure__ or ():
+                try:
+                    visit(cell.cell_contents, depth - 1)
+                except ValueError:  # an empty cell
+                    pass
+            scope = obj.__globals__
+            for name in obj.__code__.co_names:
+                value = scope.get(name)
+                if isinstance(value, (nn.Module, Tensor, functools.partial)) or inspect.isfunction(value):
+                    visit(value, depth - 1)
+        elif callable(obj) and hasattr(obj, "__dict__") and not inspect.isclass(obj) and not inspect.ismodule(obj):
+            for item in list(vars(obj).values())[:64]:
+                visit(item, depth - 1)
+
+    visit(fn, depth)
+    return list(modules.values()), list(tensors.values())
+
+
+def owned_modules(model) -> List[nn.Module]:
+    """The user's modules behind ``model``: the module itself, or those a callable closes over
+    (see :func:`closure_state`), for :func:`preserved` to freeze and restore."""
+    if isinstance(model, nn.Module):
+        return [model]
+    if callable(model):
+        return closure_state(model)[0]
+    return []
 
 
 def module_device(module, default: torch.device) -> torch.device:

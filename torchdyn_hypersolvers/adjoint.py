@@ -1,0 +1,42 @@
+"""Recognising torchdyn's adjoint solve, where a hypersolver runs its base solver uncorrected.
+
+torchdyn (1.0.x) solves the adjoint of ``sensitivity='adjoint'`` (without ``solver_adjoint``)
+and ``'interpolated_adjoint'`` with the forward solver, on a flattened adjoint state that g was
+never fitted on. This module tells that solve apart from every other one.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+__all__ = ["torchdyn_adjoint_solve"]
+
+
+def torchdyn_adjoint_solve() -> Optional[str]:
+    """The sensitivity whose backward (adjoint) solve is starting now, or None: call it from
+    ``sync_device_dtype``.
+
+    The signal is the call stack, not the state's shape: torchdyn (1.0.x) solves the adjoint by
+    calling ``torchdyn.numerics.odeint`` directly from ``backward`` of the ``autograd.Function``
+    built in ``torchdyn.numerics.sensitivity`` (``'adjoint'`` with ``solver_adjoint``, which
+    defaults to the forward solver; ``'interpolated_adjoint'`` always with the forward solver),
+    and ``odeint`` calls ``solver.sync_device_dtype`` once before stepping. A flattened 1-D state
+    would be a guess (unbatched forward states are legal too); this chain is exact, costs one
+    walk over a few frames per solve, and matches nothing else (the forward pass runs
+    ``odeint`` from ``generic_odeint``, multiple shooting from ``odeint_mshooting``)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name == "sync_device_dtype":  # ours, a subclass's super() chain
+        frame = frame.f_back
+    if frame is None or frame.f_code.co_name != "odeint" or not _in_module(frame, "torchdyn.numerics.odeint"):
+        return None
+    caller = frame.f_back
+    if caller is None or caller.f_code.co_name != "backward" or not _in_module(caller, "torchdyn.numerics.sensitivity"):
+        return None
+    code = caller.f_code  # _gather_odefunc_interp_adjoint's backward reads x(t) off a spline
+    interpolated = "interp" in getattr(code, "co_qualname", "") or "x_spline" in code.co_cellvars + code.co_varnames
+    return "interpolated_adjoint" if interpolated else "adjoint"
+
+
+def _in_module(frame, module: str) -> bool:
+    return frame.f_globals.get("__name__") == module
