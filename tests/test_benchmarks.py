@@ -10,16 +10,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITES = ("residuals", "inference", "dominance", "fitting")  # the floor suite has its own test below
 
 
-def test_benchmarks_quick_mode_writes_every_field(tmp_path):
+def _run_quick(out, *suites):
+    """``python -m benchmarks --quick --only <suites>``; its results.json."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path), "--only", *SUITES],
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--only", *suites],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())
+
+
+def test_benchmarks_quick_mode_writes_every_field(tmp_path):
+    results = _run_quick(tmp_path, *SUITES)
     assert {"cpu", "cores", "torch", "gpu"} <= set(results["machine"])
     suites = results["suites"]
     assert set(suites) == set(SUITES)
@@ -51,15 +56,7 @@ def test_benchmarks_quick_mode_writes_every_field(tmp_path):
 
 
 def test_floor_suite_quick_output_is_self_consistent(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--only", "floor", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = _run_quick(tmp_path, "floor")
     assert set(results["suites"]) == {"floor"}
     check_floor(results["suites"]["floor"], (tmp_path / "results.md").read_text())
 

@@ -29,6 +29,7 @@ from .hypernets import call_hypernet, check_convention, check_hypernet_input, de
 from .loop import fixed_solve
 from .mesh import check_t_span, forward_time, map_steps, step_times
 from .names import resolve_base
+from .precision import parameter_dtype
 from .states import check_state, state_prototype
 from .tableaus import ButcherTableau, alpha_tableau, rk_increment, rk_stages
 from .validity import Validity, check_solve
@@ -94,15 +95,6 @@ class _InitialState:
 
     def __reduce__(self):
         return (_InitialState, ())
-
-
-def _parameter_dtype(g) -> Optional[torch.dtype]:
-    """The dtype of g's first floating-point parameter, or None (g has none)."""
-    if isinstance(g, nn.Module):
-        for p in g.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    return None
 
 
 class FixedStepSolver(nn.Module):
@@ -338,7 +330,7 @@ class HyperSolver(nn.Module):
         record; once per solve (the next steps are corrected)."""
         self._uncorrected = False
         check_state(x)
-        g_dtype = _parameter_dtype(self.hypernet)
+        g_dtype = parameter_dtype(self.hypernet)
         if g_dtype is not None and g_dtype != x.dtype:
             raise TypeError(
                 f"the state is {x.dtype} but g ({type(self.hypernet).__name__}) has {g_dtype} parameters; "
