@@ -13,6 +13,7 @@ from .fit import Adversarial, FitDivergedError, FitReport, fit
 from .harvest import Trajectories, harvest
 from .hypernets import ConvHyperNet, MLPHyperNet
 from .io import load, save
+from .multistage import MultiStageHyperNet, MultiStageHyperSolver
 from .plots import plot_pareto
 from .registry import register
 from .solvers import (
@@ -43,6 +44,8 @@ __all__ = [
     "HyperRK4",
     "HyperRungeKutta4",
     "HyperAlpha",
+    "MultiStageHyperSolver",
+    "MultiStageHyperNet",
     "FixedStepSolver",
     "Euler",
     "Midpoint",

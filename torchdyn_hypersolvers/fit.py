@@ -454,6 +454,13 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"unknown fitting method {method!r}; expected one of {METHODS}")
+    if method == "residual" and getattr(hs, "fitted_by_trajectory", False):
+        warnings.warn(
+            f"{type(hs).__name__} corrects its stages with an inner net that residual fitting cannot "
+            "reach (its residuals do not separate): only the outer g is fitted; use method='trajectory'",
+            UserWarning,
+            stacklevel=2,
+        )
     if isinstance(noise_sample, bool) or not isinstance(noise_sample, int) or noise_sample < 0:
         raise ValueError(f"noise_sample must be a non-negative int, got {noise_sample!r}")
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:

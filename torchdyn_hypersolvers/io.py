@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 from torch import nn
 
-from . import hypernets, solvers
+from . import hypernets
 from ._version import __version__
 from .files import read_plain, write_atomic
 from .names import resolve_base
@@ -281,8 +281,7 @@ def _rebuild_hypernet(record: Dict[str, Any], state: Dict[str, torch.Tensor], pa
 
 def _solver_class(name: str) -> type:
     """This package's hypersolver class of that name (a user's subclass is rebuilt as HyperSolver)."""
-    cls = getattr(solvers, name, None)
-    return cls if isinstance(cls, type) and issubclass(cls, HyperSolver) else HyperSolver
+    return HyperSolver.named(name)
 
 
 def _rebuild_solver(name: str, tableau: ButcherTableau, g: Callable, convention: str) -> HyperSolver:

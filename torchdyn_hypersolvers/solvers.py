@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable, ClassVar, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +95,10 @@ class _InitialState:
 
     def __reduce__(self):
         return (_InitialState, ())
+
+
+_PACKAGE_CLASSES: Dict[str, type] = {}
+"""This package's HyperSolver subclasses by name, filled as they are defined."""
 
 
 class FixedStepSolver(nn.Module):
@@ -247,6 +251,17 @@ class HyperSolver(nn.Module):
     def op1(self) -> int:
         """``order + 1``, the power of ``dt`` on g's correction (torchdyn's attribute name)."""
         return self.order + 1
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.startswith(__name__.rpartition(".")[0] + "."):  # this package's classes only
+            _PACKAGE_CLASSES[cls.__name__] = cls
+
+    @classmethod
+    def named(cls, name: str) -> type:
+        """This package's hypersolver class called ``name`` (how :func:`~.io.load` rebuilds one);
+        ``HyperSolver`` for any other name (a user's subclass is rebuilt as the generic class)."""
+        return _PACKAGE_CLASSES.get(name, HyperSolver)
 
     @classmethod
     def from_tableau(cls, tableau: ButcherTableau, hypernet: Callable, convention: Optional[str] = None) -> HyperSolver:
