@@ -31,12 +31,12 @@ from examples.common import FinalState, Timer, parser, setup, train, write_json 
 from torchdyn_hypersolvers import (  # noqa: E402
     Euler,
     HyperEuler,
-    absolute_error,
     fit,
     harvest,
     pareto,
-    plot_mesh_error,
 )
+from torchdyn_hypersolvers.metrics import absolute_error  # noqa: E402
+from torchdyn_hypersolvers.plots import plot_mesh_error  # noqa: E402
 
 # per data set: input and state channels, f's and g's hidden channels, pooling, head input.
 # g costs about 80% of f per call, as in the supplement's MNIST pair (f 32-46-46-32, g 65-32-32-32).

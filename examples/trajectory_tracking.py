@@ -55,10 +55,10 @@ from torchdyn_hypersolvers import (  # noqa: E402
     HyperEuler,
     Midpoint,
     fit,
-    global_truncation_error,
     harvest,
     pareto,
 )
+from torchdyn_hypersolvers.metrics import global_truncation_error  # noqa: E402
 from torchdyn_hypersolvers.reference import reference_solve  # noqa: E402
 
 BAND = (10, 25)  # the NFE range of the supplement's Fig. 8

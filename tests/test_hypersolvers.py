@@ -11,7 +11,6 @@ from torchdyn.numerics import HyperEuler as TorchdynHyperEuler
 from torchdyn.numerics import odeint
 
 from torchdyn_hypersolvers import (
-    RK4_TABLEAU,
     ConvHyperNet,
     Euler,
     FixedStepSolver,
@@ -24,10 +23,10 @@ from torchdyn_hypersolvers import (
     HyperSolver,
     MLPHyperNet,
     register,
-    registered,
-    unregister,
 )
+from torchdyn_hypersolvers.registry import registered, unregister
 from torchdyn_hypersolvers.tableaus import EULER, HEUN, MIDPOINT, rk_increment
+from torchdyn_hypersolvers.tableaus import RK4 as RK4_TABLEAU
 
 HYPER_CLASSES = [HyperEuler, HyperMidpoint, HyperHeun, HyperRalston, HyperRK4]
 

@@ -745,11 +745,9 @@ def test_17_solvers_refuse_bad_g_outputs_and_state_dtypes_by_name(case):
             with pytest.raises((TypeError, ValueError), match=BOTH_DTYPES):
                 model(torch.randn(4, 2, dtype=torch.float64), torch.linspace(0, 1, 3))
         finally:
-            import torchdyn_hypersolvers
+            from torchdyn_hypersolvers.registry import unregister
 
-            unregister = getattr(torchdyn_hypersolvers, "unregister", None)
-            if unregister is not None:
-                unregister("robustness-test-hs")
+            unregister("robustness-test-hs")
         return
     cls, make_state, exc, match = SOLVER_CASES[case]
     hs = HyperEuler(_perturbed(cls(2, hidden=(8,))))

@@ -7,12 +7,7 @@ from hypothesis import strategies as st
 from torchdyn.numerics import odeint
 
 from torchdyn_hypersolvers import (
-    EULER,
-    HEUN,
-    MIDPOINT,
-    RALSTON,
     RK4,
-    RK4_TABLEAU,
     Alpha,
     ButcherTableau,
     Euler,
@@ -20,10 +15,10 @@ from torchdyn_hypersolvers import (
     Heun,
     Midpoint,
     Ralston,
-    alpha_tableau,
-    rk_increment,
 )
 from torchdyn_hypersolvers.names import resolve_base
+from torchdyn_hypersolvers.tableaus import EULER, HEUN, MIDPOINT, RALSTON, alpha_tableau, rk_increment
+from torchdyn_hypersolvers.tableaus import RK4 as RK4_TABLEAU
 
 BASES = [EULER, MIDPOINT, HEUN, RALSTON, RK4_TABLEAU]
 
