@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from . import dominance, fitting, floor, inference, residuals
+from . import devices, dominance, fitting, floor, guard, inference, residuals, tuning
 from .common import machine, write_results
 
 SUITES = {
@@ -17,7 +17,11 @@ SUITES = {
     "dominance": dominance,
     "fitting": fitting,
     "floor": floor,
+    "guard": guard,
+    "tune": tuning,
+    "devices": devices,
 }
+DEFAULT = [name for name in SUITES if name != "devices"]  # devices: CPU vs GPU, run with --only devices
 
 
 def main(argv=None) -> None:
@@ -37,7 +41,7 @@ def main(argv=None) -> None:
         "Each comparison is measured side by side in one process: warm-up, interleaved repeats, medians.",
         "",
     ]
-    for name in args.only or SUITES:
+    for name in args.only or DEFAULT:
         start = time.perf_counter()
         result = SUITES[name].run(quick=args.quick)
         result["wall_s"] = time.perf_counter() - start

@@ -30,7 +30,6 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from examples.lorenz import Standardized
 from torchdyn_hypersolvers import HyperEuler, HyperHeun, HyperMidpoint, HyperRK4, MLPHyperNet, fit, harvest, pareto
 from torchdyn_hypersolvers.fit import residual_data
 
@@ -64,6 +63,9 @@ class Workload:
     iterations: int
     batch_size: int
     noise_sample: int = 8
+    time: bool = False  # the standardised MLP g also reads t (for a non-autonomous field)
+    stage_aware: bool = False  # the standardised MLP g also reads every stage of the base step and z0
+    refine: int = 0  # iterations of trajectory refinement after residual fitting (fit's refine=)
 
 
 def _workloads(quick: bool) -> List[Workload]:
@@ -153,9 +155,10 @@ def _fit_base(w: Workload, cls: type, quick: bool):
     trajectories = harvest(w.model, w.x_fit, w.t_span, steps=steps, base=cls.tableau)  # precise targets
     harvest_s = time.perf_counter() - start
     tol = trajectories.atol
-    if w.hypernet is None:  # an MLP g on standardised inputs and outputs (as in the Lorenz tutorial)
-        probe = cls(MLPHyperNet(w.state_dim)).to(w.dtype)
-        g = Standardized(MLPHyperNet(w.state_dim, hidden=(64, 64)), residual_data(probe, trajectories))
+    if w.hypernet is None:  # an MLP g on standardised inputs and outputs
+        stages = STAGES[cls] if w.stage_aware else 1
+        g = MLPHyperNet(w.state_dim, hidden=(64, 64), time=w.time, stages=stages, scaled=True).to(w.dtype)
+        g.standardize_(residual_data(cls(g), trajectories))
     else:
         g = w.hypernet()
     torch.manual_seed(0)
@@ -168,7 +171,8 @@ def _fit_base(w: Workload, cls: type, quick: bool):
         progress=False,
         seed=0,
         noise_sample=w.noise_sample,
-        balance_meshes=False if w.hypernet is None else None,  # Standardized already scales g's output
+        refine=w.refine,
+        balance_meshes=False if w.hypernet is None else None,  # the scaled MLP already scales g's output
     )
     hs.eval()
     floor = []

@@ -89,7 +89,7 @@ def digits_model(quick: bool):
         X_train, y_train, X_test, y_test = X_train[:128], y_train[:128], X_test[:64], y_test[:64]
     model, g = image_classification.build("digits", "cpu")
     image_classification.train_classifier(model, X_train, y_train, epochs=1 if quick else 10, progress=False)
-    return {"model": model, "g": g, "x_train": X_train, "x": X_test, "y": y_test}
+    return {"model": model, "g": g, "x_train": X_train, "y_train": y_train, "x": X_test, "y": y_test}
 
 
 def digits_hypernet() -> torch.nn.Module:

@@ -215,3 +215,65 @@ def check_floor(floor, markdown):
         assert f"| {w['workload']} | " + " | ".join(rk4_cells) + f" | {w['hyperrk4_never_worse']} |" in markdown
         for f in fits.values():
             assert f"| {w['workload']} | {f['hypersolver']} | {f['tolerance']:g} {f['dtype']} | " in markdown
+
+
+def test_guard_suite_quick_output_is_self_consistent(tmp_path):
+    guard = _run_quick(tmp_path, "guard")["suites"]["guard"]
+    markdown = (tmp_path / "results.md").read_text()
+    rows = {"in distribution": guard["in_distribution"], **guard["out_of_distribution"]}
+    for name, row in rows.items():
+        assert all(positive(row[k]) for k in ("euler", "hyper", "guarded", "hyper_wall_s", "guarded_wall_s")), row
+        assert 0 <= row["fallback_fraction"] <= 1 and row["guarded_nfe"] >= guard["solve_steps"] + 1
+        assert f"| {name} | {row['euler']:.3g} | {row['hyper']:.3g} | {row['guarded']:.3g} |" in markdown
+    i = guard["in_distribution"]
+    assert math.isclose(i["error_ratio"], i["guarded"] / i["hyper"])
+    assert math.isclose(i["wall_ratio"], i["guarded_wall_s"] / i["hyper_wall_s"])
+    for row in guard["out_of_distribution"].values():
+        assert row["hyper_worse_than_base"] == (row["hyper"] > row["euler"])
+        assert row["guarded_not_worse_than_base"] == (row["guarded"] <= row["euler"])
+    assert [r["scale"] for r in guard["sweep"]["scales"]][0] == 1.0
+    assert guard["goals"]["ood_guarded_not_worse_than_base"] == all(
+        r["guarded_not_worse_than_base"] for r in guard["out_of_distribution"].values()
+    )
+
+
+def test_tune_and_devices_suites_quick_output_is_self_consistent(tmp_path):
+    results = _run_quick(tmp_path, "tune", "devices")
+    markdown = (tmp_path / "results.md").read_text()
+    tuned = results["suites"]["tune"]
+    assert [w["workload"] for w in tuned["workloads"]][:3] == ["2-D moons", "digits", "CNF pinwheel (sampling)"]
+    for w in tuned["workloads"]:
+        assert positive(w["tune_s"]) and w["held_out"] > 0
+        for ratio in w["grid_ratio"].values():  # a learned grid is kept only when it is at least 1% better
+            assert ratio == 1.0 or ratio <= 0.99
+        quality = {int(n): q for n, q in w["quality_by_nfe"].items()}
+        assert set(quality) == {int(n) for n in w["choice_errors"]}
+        for n, q in quality.items():  # the suite's re-solve of each choice gives tune's held-out error
+            assert q["error"] == pytest.approx(w["choice_errors"][str(n)], rel=1e-5)
+        for r in w["rows"]:
+            assert r["tol"] in (1e-3, 1e-4) and r["dopri5_nfe"] > 0
+
+            def good(q, r=r):
+                if r["dopri5_accuracy"] is not None:
+                    return q["accuracy"] >= r["dopri5_accuracy"]
+                return q["error"] <= r["dopri5_error"]
+
+            # the smallest budget at least as accurate as dopri5 at that tolerance, or none
+            reached = [n for n in sorted(quality) if good(quality[n])]
+            assert r["nfe"] == (reached[0] if reached else None), (r, quality)
+            if r["nfe"] is None:
+                assert f"| {w['workload']} | {r['tol']:g} | {r['dopri5_nfe']} |" in markdown
+                continue
+            assert r["speedup_vs_torchdyn"] == pytest.approx(r["torchdyn_ms"] / r["tuned_ms"], rel=1e-9)
+            assert r["speedup_vs_torchdiffeq"] == pytest.approx(r["torchdiffeq_ms"] / r["tuned_ms"], rel=1e-9)
+            assert f"{r['speedup_vs_torchdyn']:.1f}x | {r['speedup_vs_torchdiffeq']:.1f}x" in markdown
+    devices = results["suites"]["devices"]
+    assert devices["devices"][0] == "cpu" and [r["workload"] for r in devices["rows"]] == ["digits", "CNF pinwheel"]
+    for r in devices["rows"]:
+        for m in r["devices"].values():
+            assert m["total_s"] == pytest.approx(m["harvest_s"] + m["fit_s"], rel=1e-9)
+            assert positive(m["fit_s"]) and 0 <= m["floor"]
+        if "cuda" in r["devices"]:
+            assert r["speedup"] == pytest.approx(r["devices"]["cpu"]["total_s"] / r["devices"]["cuda"]["total_s"])
+        else:
+            assert "speedup" not in r

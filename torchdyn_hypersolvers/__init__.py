@@ -10,6 +10,7 @@ import warnings
 from ._version import __version__
 from .evaluate import ParetoResult, generalization, pareto
 from .fit import Adversarial, FitDivergedError, FitReport, fit
+from .guard import Guarded
 from .harvest import Trajectories, harvest
 from .hypernets import ConvHyperNet, MLPHyperNet
 from .io import load, save
@@ -34,6 +35,7 @@ from .solvers import (
     Ralston,
 )
 from .tableaus import ButcherTableau
+from .tuning import TuneResult, tune
 
 __all__ = [
     "HyperSolver",
@@ -44,6 +46,7 @@ __all__ = [
     "HyperRK4",
     "HyperRungeKutta4",
     "HyperAlpha",
+    "Guarded",
     "MultiStageHyperSolver",
     "MultiStageHyperNet",
     "FixedStepSolver",
@@ -56,6 +59,8 @@ __all__ = [
     "ButcherTableau",
     "MLPHyperNet",
     "ConvHyperNet",
+    "tune",
+    "TuneResult",
     "harvest",
     "Trajectories",
     "fit",

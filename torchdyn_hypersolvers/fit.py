@@ -606,11 +606,12 @@ def _optimise(params, loss_at, iterations: int, method: str, lr, lr_min, weight_
     return history
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "fitting g"):
+    """A tqdm bar, or None when disabled or tqdm (an optional extra) is missing."""
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional
         return None
-    return tqdm(total=total, desc="fitting g", leave=False)
+    return tqdm(total=total, desc=desc, leave=False)

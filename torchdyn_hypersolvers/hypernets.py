@@ -283,7 +283,7 @@ class _TemplateHyperNet(nn.Module):
         raise NotImplementedError
 
     def _settings(self) -> str:
-        keys = ("state_dim", "channels", "time", "stages")
+        keys = ("state_dim", "channels", "time", "stages", "control_dim")
         settings = ", ".join(f"{k}={v}" for k, v in self.config.items() if k in keys)
         return f"{type(self).__name__}({settings})"
 
@@ -315,6 +315,18 @@ class MLPHyperNet(_TemplateHyperNet):
     ``[z, k_1, ..., k_s, z0, dt]`` (the ``'stages'`` convention; no extra NFE).
     The last layer starts at zero, so an unfitted hypersolver is exactly its base
     solver. ``config`` holds the constructor arguments (used by save/load).
+
+    ``scaled=True`` adds fixed input and output scales (buffers, saved with the weights):
+    g sees ``(z - z_mean) / z_std``, ``dz / dz_std`` (every stage), ``dt / dt_mean`` and its
+    output is multiplied by the residuals' standard deviation; :meth:`standardize_` sets them
+    from the residual data g will be fitted on. Worth it when the state's features or the
+    residuals are far from unit scale (a van der Pol or Lorenz field): g then learns
+    quantities of order one.
+
+    ``control_dim=m`` is for a controlled system whose state carries its control
+    (:class:`~.control.ControlledSystem`: ``z = [x, u]``, ``state_dim = n + m``): g reads the
+    control with the state, and its correction of the last ``m`` channels is exactly zero,
+    so the control stays held over every step.
     """
 
     def __init__(
@@ -324,14 +336,61 @@ class MLPHyperNet(_TemplateHyperNet):
         activation: str = "silu",
         time: bool = False,
         stages: int = 1,
+        control_dim: int = 0,
+        scaled: bool = False,
     ):
         super().__init__()
         if state_dim < 1:
             raise ValueError(f"state_dim must be positive, got {state_dim}")
+        if isinstance(control_dim, bool) or not isinstance(control_dim, int) or not 0 <= control_dim < state_dim:
+            raise ValueError(f"control_dim must be an int in [0, state_dim={state_dim}), got {control_dim!r}")
         self.config = {"state_dim": int(state_dim), "hidden": [int(h) for h in hidden], "activation": activation}
+        if control_dim:  # recorded only when set: files saved without it are unchanged
+            self.config["control_dim"] = int(control_dim)
         copies = self._options(time, stages)
         width = copies * state_dim + 1 + int(time)
-        self.net = _stack(nn.Linear, [width, *self.config["hidden"]], state_dim, activation)
+        self.net = _stack(nn.Linear, [width, *self.config["hidden"]], state_dim - control_dim, activation)
+        if not isinstance(scaled, bool):
+            raise ValueError(f"scaled must be a bool, got {scaled!r}")
+        if scaled:  # recorded only when set: files saved without it are unchanged
+            self.config["scaled"] = True
+            for name, size in (("z_mean", state_dim), ("z_std", state_dim), ("dz_std", state_dim)):
+                self.register_buffer(name, torch.zeros(size) if name == "z_mean" else torch.ones(size))
+            self.register_buffer("dt_mean", torch.ones(()))
+            self.register_buffer("out_std", torch.ones(state_dim - control_dim))
+
+    @torch.no_grad()
+    def standardize_(self, data) -> MLPHyperNet:
+        """Set the scales of a ``scaled=True`` hypernet from :func:`~.fit.residual_data` (the
+        states, f values, step sizes and residual targets g will be fitted on); returns self."""
+        if not self.config.get("scaled", False):
+            raise ValueError(f"{self._settings()} has no scales to set: build it with scaled=True")
+        z, dz, target = (x.flatten(0, 1) for x in (data.z, data.dz, data.target))
+        out = target[:, : self.out_std.numel()]
+        tiny = torch.finfo(self.z_std.dtype).tiny
+        for name, value in (
+            ("z_mean", z.mean(0)),
+            ("z_std", z.std(0).clamp_min(tiny)),
+            ("dz_std", dz.std(0).clamp_min(tiny)),
+            ("dt_mean", data.dt.abs().mean().clamp_min(tiny)),
+            ("out_std", out.std(0).clamp_min(tiny)),
+        ):
+            getattr(self, name).copy_(value.nan_to_num(1.0))
+        return self
+
+    def forward(self, dt: Tensor, t: Tensor, z: Tensor, dz, z0: Optional[Tensor] = None) -> Tensor:
+        scaled = self.config.get("scaled", False)
+        if scaled:
+            dt, z = dt / self.dt_mean, (z - self.z_mean) / self.z_std
+            dz = dz / self.dz_std if isinstance(dz, Tensor) else tuple(k / self.dz_std for k in dz)
+            z0 = None if z0 is None else (z0 - self.z_mean) / self.z_std
+        out = super().forward(dt, t, z, dz, z0)
+        if scaled:
+            out = out * self.out_std
+        control_dim = self.config.get("control_dim", 0)
+        if not control_dim:
+            return out
+        return torch.cat([out, out.new_zeros(out.shape[0], control_dim)], dim=1)  # the control is held
 
     def _expects(self, z: Tensor) -> Optional[str]:
         dim = self.config["state_dim"]

@@ -21,6 +21,7 @@ from torch import nn
 from . import hypernets
 from ._version import __version__
 from .files import read_plain, write_atomic
+from .guard import Guarded
 from .names import resolve_base
 from .solvers import BaseLike, HyperSolver
 from .tableaus import ButcherTableau
@@ -134,7 +135,8 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
     """Write a hypersolver's g and its model card to ``path``.
 
     Args:
-        hypersolver: a :class:`HyperSolver` whose g is an ``nn.Module``.
+        hypersolver: a :class:`HyperSolver` whose g is an ``nn.Module`` (a :class:`~.guard.Guarded`
+            one is saved as its hypersolver: the guard's settings are not saved).
         trajectories: the :class:`Trajectories` g was fitted on (recorded: meshes, step
             sizes, state shape, reference solver and tolerances; not the states).
         report: the :class:`FitReport` of the fit (recorded: its summary numbers).
@@ -144,6 +146,8 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
     that is a symbolic link is followed: the link stays, its target gets the new content
     (written next to the target, then renamed over it).
     """
+    if isinstance(hypersolver, Guarded):  # its hypersolver is saved; wrap the loaded one again
+        hypersolver = hypersolver.hypersolver
     if not isinstance(hypersolver, HyperSolver):
         raise TypeError(f"save expects a HyperSolver, got {type(hypersolver).__name__}")
     g = hypersolver.g

@@ -377,6 +377,18 @@ class HyperSolver(nn.Module):
         """What this hypersolver is, what it was fitted on, and where it is valid."""
         return describe_solver(self)
 
+    @property
+    def time_grid(self) -> Optional[Tensor]:
+        """The time grid :func:`~.tuning.tune` chose for this hypersolver (learned or uniform), as the
+        ``t_span`` to solve with (in g's dtype, on g's device); None when it was not tuned."""
+        validity = getattr(self, "validity", None)
+        if validity is None or validity.grid is None:
+            return None
+        like = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if like is None:
+            return torch.tensor(validity.grid)
+        return torch.tensor(validity.grid, dtype=like.dtype, device=like.device)
+
     def correction(
         self, dt: Tensor, t: Tensor, z: Tensor, dz: Tensor,
         stages: Optional[Sequence[Tensor]] = None, z0: Optional[Tensor] = None,
@@ -406,14 +418,21 @@ class HyperSolver(nn.Module):
     def step(self, f: VectorField, x: Tensor, t: Tensor, dt: Tensor, k1: Optional[Tensor] = None, args=None):
         """One corrected step; torchdyn's ``(None, x_next, None)`` return. (The base step, as
         :class:`FixedStepSolver`'s, while solving torchdyn's adjoint: see :meth:`sync_device_dtype`.)"""
-        psi, stages = rk_stages(self.tableau, f, t, x, dt, k1)
         if self._uncorrected:
+            psi, _ = rk_stages(self.tableau, f, t, x, dt, k1)
             return None, x + dt * psi, None
+        psi, _, c = self.step_parts(f, x, t, dt, k1)
+        return None, x + dt * psi + c, None
+
+    def step_parts(self, f: VectorField, x: Tensor, t: Tensor, dt: Tensor, k1: Optional[Tensor] = None):
+        """The pieces of one corrected step, ``x_next = x + dt * psi + c``: ``(psi, stages, c)``, the base
+        step's increment, all of its stage evaluations and g's term ``c = dt**(p+1) * g(...)``."""
+        psi, stages = rk_stages(self.tableau, f, t, x, dt, k1)
         if self.reads_stages:
             g = self.correction(dt, t, x, stages[0], stages, self._z0())
         else:
             g = self.correction(dt, t, x, stages[0])
-        return None, x + dt * psi + dt ** (self.order + 1) * g, None
+        return psi, stages, dt ** (self.order + 1) * g
 
     def correction_inputs(self, f: VectorField, t: Tensor, z: Tensor, dt: Tensor, z0: Optional[Tensor] = None):
         """The arguments of :meth:`correction` at one step from ``z`` (``z0`` defaults to ``z``):

@@ -9,6 +9,7 @@ never per step) and warns outside the fitted range.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -34,6 +35,10 @@ class Validity:
         description: what it was fitted on, in a sentence.
         t0, t1: the interval g was fitted on, in the direction of integration (``t0 > t1``:
             fitted backward); None when unknown (records written before they were kept).
+        state_min, state_max: per feature (the state flattened), the smallest and largest value
+            of the states g was fitted on; None when unknown (records written before they were kept).
+        grid: the time grid (every point of the ``t_span``, in the direction of integration) that
+            :func:`~.tuning.tune` chose for the hypersolver, learned or uniform; None after a plain fit.
     """
 
     dt_min: float
@@ -42,6 +47,9 @@ class Validity:
     description: str = ""
     t0: Optional[float] = None
     t1: Optional[float] = None
+    state_min: Optional[Tuple[float, ...]] = None
+    state_max: Optional[Tuple[float, ...]] = None
+    grid: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.dt_min <= self.dt_max:
@@ -49,6 +57,48 @@ class Validity:
         object.__setattr__(self, "state_shape", tuple(int(n) for n in self.state_shape))
         if (self.t0 is None) != (self.t1 is None) or (self.t0 is not None and self.t0 == self.t1):
             raise ValueError(f"Validity needs both of t0 != t1 or neither, got t0={self.t0}, t1={self.t1}")
+        if (self.state_min is None) != (self.state_max is None):
+            raise ValueError("Validity needs both of state_min and state_max or neither")
+        if self.state_min is not None:
+            lo, hi = tuple(float(v) for v in self.state_min), tuple(float(v) for v in self.state_max)
+            if len(lo) != len(hi) or any(not a <= b for a, b in zip(lo, hi)):
+                raise ValueError(
+                    f"Validity needs state_min <= state_max feature by feature, got {len(lo)} and {len(hi)} values"
+                )
+            object.__setattr__(self, "state_min", lo)
+            object.__setattr__(self, "state_max", hi)
+        if self.grid is not None:
+            grid = tuple(float(v) for v in self.grid)
+            steps = [b - a for a, b in zip(grid, grid[1:])]
+            if len(grid) < 2 or not all(math.isfinite(v) for v in grid) or not (
+                all(d > 0 for d in steps) or all(d < 0 for d in steps)
+            ):
+                raise ValueError(f"Validity needs a grid of at least two finite, strictly monotonic times, got {grid}")
+            object.__setattr__(self, "grid", grid)
+
+    @property
+    def has_state_range(self) -> bool:
+        """Whether the record knows the range of the states g was fitted on."""
+        return self.state_min is not None
+
+    def outside(self, x: Tensor, margin: float = 0.0) -> Tensor:
+        """Per sample of ``x`` (``[B, ...]``), whether any feature lies outside the fitted state range
+        widened by ``margin`` times its width on each side: a bool tensor ``[B]`` on ``x``'s device,
+        computed without host synchronisation. All False when the record has no state range."""
+        batch = x.shape[0] if x.dim() > 1 else 1
+        if self.state_min is None:
+            return torch.zeros(batch, dtype=torch.bool, device=x.device)
+        flat = x.detach().reshape(batch, -1)
+        if flat.shape[1] != len(self.state_min):
+            raise ValueError(
+                f"the fitted state range has {len(self.state_min)} features, the state has {flat.shape[1]} "
+                f"(shape {tuple(x.shape)})"
+            )
+        real = flat.real if flat.is_complex() else flat
+        lo = torch.tensor(self.state_min, dtype=real.dtype, device=x.device)
+        hi = torch.tensor(self.state_max, dtype=real.dtype, device=x.device)
+        pad = margin * (hi - lo)
+        return ((real < lo - pad) | (real > hi + pad)).any(1)
 
     @property
     def direction(self) -> Optional[str]:
@@ -70,6 +120,18 @@ class Validity:
         the interval from ``t0`` to ``t1`` when given."""
         dts = torch.as_tensor(dts).detach().abs().double().cpu()
         return cls(float(dts.min()), float(dts.max()), tuple(state_shape), description, t0, t1)
+
+    def with_state_range(self, states: Tensor) -> Validity:
+        """This record with the per-feature range of ``states`` (``[..., N, *state_shape]``, e.g. a
+        :class:`Trajectories`' ``[T, N, ...]``) as where g was fitted in state space."""
+        states = torch.as_tensor(states).detach()
+        if states.is_complex():
+            states = states.real
+        flat = states.reshape(-1, math.prod(self.state_shape))
+        if flat.shape[0] == 0:
+            return self
+        lo, hi = flat.amin(0).double().cpu(), flat.amax(0).double().cpu()
+        return dataclasses.replace(self, state_min=tuple(lo.tolist()), state_max=tuple(hi.tolist()))
 
     @classmethod
     def of_trajectories(cls, trajectories, report=None, how: Optional[str] = None) -> Validity:
@@ -96,7 +158,8 @@ class Validity:
             text += f"; mean |g - R|: {errors}"
         if report is not None and report.adversarial_worst:
             text += f"; {len(report.adversarial_worst)} adversarial rounds"
-        return cls.of_steps(torch.cat(dts), trajectories.state_shape, text, start, end)
+        record = cls.of_steps(torch.cat(dts), trajectories.state_shape, text, start, end)
+        return record.with_state_range(trajectories.states)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain types only (what ``torch.load(..., weights_only=True)`` reads back)."""
@@ -108,6 +171,10 @@ class Validity:
         }
         if self.t0 is not None:
             record.update(t0=float(self.t0), t1=float(self.t1))
+        if self.state_min is not None:
+            record.update(state_min=list(self.state_min), state_max=list(self.state_max))
+        if self.grid is not None:
+            record.update(grid=list(self.grid))
         return record
 
     @classmethod
@@ -128,8 +195,18 @@ class Validity:
             raise ValueError(f"the validity record's description must be a str, got {type(description).__name__}")
         t0 = _real(record, "t0") if record.get("t0") is not None else None
         t1 = _real(record, "t1") if record.get("t1") is not None else None
+        ranges = {}
+        for key in ("state_min", "state_max", "grid"):
+            values = record.get(key)
+            if values is None:
+                continue
+            if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values
+            ):
+                raise ValueError(f"the validity record's {key} must be a list of finite numbers")
+            ranges[key] = tuple(float(v) for v in values)
         try:
-            return cls(numbers_["dt_min"], numbers_["dt_max"], tuple(shape), description, t0, t1)
+            return cls(numbers_["dt_min"], numbers_["dt_max"], tuple(shape), description, t0, t1, **ranges)
         except ValueError as err:
             raise ValueError(f"the validity record is inconsistent: {err}") from err
 
@@ -140,6 +217,19 @@ class Validity:
         return (
             f"step sizes |dt| in [{self.dt_min:.4g}, {self.dt_max:.4g}] (+-{TOLERANCE:.0%}){interval} and states "
             f"of shape {self.state_shape} (any batch size)"
+        )
+
+    def state_range_text(self) -> str:
+        """Where g was fitted in state space, in a sentence ('' when unknown)."""
+        if self.state_min is None:
+            return ""
+        n = len(self.state_min)
+        if n <= 8:
+            ranges = ", ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in zip(self.state_min, self.state_max))
+            return f"harvested states per feature in {ranges}"
+        return (
+            f"harvested states in [{min(self.state_min):.4g}, {max(self.state_max):.4g}] over {n} features "
+            "(per-feature ranges recorded)"
         )
 
     def check(self, x: Tensor, t_span, name: str = "hypersolver") -> None:
@@ -218,4 +308,12 @@ def describe(hs) -> str:
         if validity.description:
             lines.append(f"Fitted: {validity.description}.")
         lines.append(f"Valid for {validity.range_text()}; solves outside it warn.")
+        if validity.has_state_range:
+            lines.append(f"Fitted in state space on {validity.state_range_text()}; Guarded(...) can check against it.")
+        if validity.grid is not None:
+            points = ", ".join(f"{v:.4g}" for v in validity.grid)
+            lines.append(
+                f"Tuned for a time grid of {len(validity.grid) - 1} steps: t = [{points}] "
+                "(hs.time_grid; pass it as the t_span)."
+            )
     return "\n".join(lines)

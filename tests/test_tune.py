@@ -1,0 +1,264 @@
+"""tune(): the best hypersolver per budget on held-out inputs, learned time grids, save/load."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchdyn.core import NeuralODE
+from torchdyn.numerics import odeint
+
+from torchdyn_hypersolvers import Euler, HyperEuler, HyperMidpoint, MLPHyperNet, load, pareto, tune
+from torchdyn_hypersolvers.grid import fit_time_grid, grid_from_logits
+from torchdyn_hypersolvers.reference import reference_solve
+
+T_SPAN = torch.linspace(0, 1, 2)
+
+
+class _Field(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 2))
+
+    def forward(self, t, z, args=None):  # torchdyn passes args to a field that takes t
+        return self.net(z)
+
+
+def _field():
+    torch.manual_seed(0)
+    return _Field()
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    f = _field()
+    model = NeuralODE(f, solver="dopri5")
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(1))
+    result = tune(
+        model,
+        x,
+        T_SPAN,
+        nfe=[4, 8],
+        bases=(HyperEuler, HyperMidpoint),
+        iterations=150,
+        grid_iterations=30,
+        progress=False,
+    )
+    return model.vf, model, x, result
+
+
+def _held_out_error(f, z, solver, mesh):
+    ref = reference_solve(f, z, T_SPAN, "dopri5", 1e-9, 1e-9)[-1]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tuned mesh is inside the solver's validity record
+        final = solver.solve(f, z, mesh, return_trajectory=False)
+    return float((final - ref).detach().norm(dim=1).mean())
+
+
+def test_solver_for_is_the_best_candidate_of_a_direct_pareto_run(tuned):
+    f, model, _, result = tuned
+    assert set(result.choices) == {4, 8}
+    for nfe, choice in result.choices.items():
+        fitted = {label: hs for label, hs in result.candidates.items() if nfe % hs.tableau.stages == 0}
+        assert len(fitted) >= 2  # a real choice between candidates
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            direct = pareto(
+                model,
+                result.held_out,
+                T_SPAN,
+                solvers=fitted,
+                steps=sorted({nfe // hs.tableau.stages for hs in fitted.values()}),
+                timing=False,
+            )
+        errors = {
+            label: direct.row(label, steps=nfe // hs.tableau.stages).terminal_error for label, hs in fitted.items()
+        }
+        assert choice.label == min(errors, key=errors.get)
+        hs, mesh = result.solver_for(nfe)
+        assert hs is choice.solver and mesh is choice.mesh
+        for a, b in zip(hs.hypernet.parameters(), result.candidates[choice.label].hypernet.parameters()):
+            assert torch.equal(a, b)
+        assert len(mesh) == nfe // hs.tableau.stages + 1
+
+
+def test_cheapest_meets_the_error_on_held_out_inputs(tuned):
+    f, _, _, result = tuned
+    e4, e8 = result.choices[4].error, result.choices[8].error
+    assert e8 < e4
+    goal = math.sqrt(e4 * e8)  # met at NFE 8, not at 4
+    hs, mesh = result.cheapest(error=goal)
+    assert hs is result.choices[8].solver
+    assert _held_out_error(f, result.held_out, hs, mesh) <= goal
+    hs, mesh = result.cheapest(error=e4 * 1.01)
+    assert hs is result.choices[4].solver
+    with pytest.raises(ValueError, match="no tuned budget reaches"):
+        result.cheapest(error=e8 / 100)
+    with pytest.raises(KeyError, match="tuned budgets"):
+        result.solver_for(16)
+
+
+def test_table_compares_with_classical_solvers_and_dopri5(tuned):
+    result = tuned[3]
+    kinds = {r.kind for r in result.table}
+    assert kinds == {"hyper", "fixed", "adaptive"}
+    text = result.to_markdown()
+    assert "dopri5" in text and "best classical" in text
+    assert any("HyperEuler" in k for k in result.pruned) or len(result.candidates) == 3
+
+
+def _transient():
+    """A fast transient near t0: z relaxes at rate 5 from about 3 towards sin(3t) (uniform Euler
+    steps of 0.25 are stable but miss the transient)."""
+    return lambda t, z: -5.0 * (z - torch.sin(3 * t))
+
+
+def test_learned_grid_is_monotone_with_exact_ends_and_beats_uniform_on_a_fast_transient():
+    f = _transient()
+    z0 = 3.0 + torch.randn(128, 2, generator=torch.Generator().manual_seed(0))
+    t_span = torch.tensor([0.0, 2.0])
+    z1 = reference_solve(f, z0, t_span, "dopri5", 1e-9, 1e-9)[-1]
+    euler = Euler()
+    grid = fit_time_grid(euler, f, z0, z1, t_span, steps=8, iterations=150)
+    assert grid[0] == 0.0 and grid[-1] == 2.0 and len(grid) == 9
+    assert bool((grid[1:] > grid[:-1]).all())
+    uniform = torch.linspace(0, 2, 9)
+    with torch.no_grad():
+        err = {
+            name: float((euler.solve(f, z0, mesh, return_trajectory=False) - z1).norm(dim=1).mean())
+            for name, mesh in (("uniform", uniform), ("learned", grid))
+        }
+    assert err["learned"] < 0.2 * err["uniform"], err
+
+
+def test_grid_from_logits_backward_and_bounds():
+    grid = grid_from_logits(torch.zeros(4), torch.tensor(1.0), torch.tensor(0.0))
+    assert torch.allclose(grid, torch.linspace(1, 0, 5))
+    with pytest.raises(ValueError, match="one entry per step"):
+        grid_from_logits(torch.zeros(2, 2), torch.tensor(0.0), torch.tensor(1.0))
+
+
+def test_grid_fitting_leaves_g_and_f_untouched():
+    f = _field()
+    hs = HyperEuler(MLPHyperNet(2))
+    before = [p.clone() for p in hs.parameters()]
+    z0 = torch.randn(32, 2)
+    z1 = reference_solve(f, z0, T_SPAN, "dopri5", 1e-7, 1e-7)[-1]
+    fit_time_grid(hs, f, z0, z1, T_SPAN, steps=3, iterations=5)
+    assert all(torch.equal(a, b) for a, b in zip(before, hs.parameters()))
+    assert all(p.grad is None for p in (*hs.parameters(), *f.parameters()))
+
+
+def test_save_load_round_trip_of_each_choice_is_bit_exact(tuned, tmp_path):
+    f, _, _, result = tuned
+    result.save(tmp_path / "tuned")
+    assert (tmp_path / "tuned" / "tune.md").exists() and (tmp_path / "tuned" / "tune.json").exists()
+    z = result.held_out[:16]
+    for nfe, choice in result.choices.items():
+        hs = load(tmp_path / "tuned" / f"nfe{nfe}.pt")
+        assert torch.equal(hs.time_grid, choice.mesh)  # learned or uniform, the mesh comes back
+        mesh = choice.mesh
+        with torch.no_grad():
+            expected = choice.solver.solve(f, z, mesh)
+            assert torch.equal(hs.solve(f, z, mesh), expected)
+            _, through_node = NeuralODE(f, solver=hs)(z, mesh)
+            _, through_odeint = odeint(f, z, mesh, solver=hs)
+        assert torch.equal(through_node, expected)
+        assert torch.equal(through_odeint, expected)
+
+
+def test_learned_grid_is_in_the_validity_record_and_describe():
+    f = _transient()
+    x = 3.0 + torch.randn(64, 1, generator=torch.Generator().manual_seed(2))
+    result = tune(
+        f,
+        x,
+        torch.tensor([0.0, 2.0]),
+        nfe=[8],
+        bases=(HyperEuler,),
+        stage_aware=False,
+        iterations=100,
+        grid_iterations=100,
+        progress=False,
+    )
+    choice = result.choices[8]
+    assert choice.learned_grid and choice.error < choice.uniform_error
+    hs = choice.solver
+    assert torch.equal(hs.time_grid, choice.mesh)
+    assert "time grid of 8 steps" in hs.describe()
+    dts = (choice.mesh[1:] - choice.mesh[:-1]).abs()
+    assert hs.validity.dt_min <= float(dts.min()) and float(dts.max()) <= hs.validity.dt_max
+
+
+def test_match_sets_the_target_and_max_seconds_prunes():
+    f = _field()
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    result = tune(
+        f,
+        x,
+        T_SPAN,
+        nfe=[4, 8],
+        match="dopri5:1e-3",
+        bases=(HyperEuler, HyperMidpoint),
+        iterations=20,
+        grid=False,
+        max_seconds=0.0,
+        progress=False,
+    )
+    assert result.target_error == result.table.row("dopri5", tol=1e-3).terminal_error
+    assert len(result.candidates) == 1  # the first candidate is always fitted
+    assert any("budget was spent" in why for why in result.pruned.values())
+
+
+def test_bad_arguments_are_refused_by_name():
+    f = _field()
+    x = torch.randn(16, 2)
+    with pytest.raises(ValueError, match="match must be"):
+        tune(f, x, T_SPAN, match="dopri5", progress=False)
+    with pytest.raises(ValueError, match="nfe must be"):
+        tune(f, x, T_SPAN, nfe=[0, 4], progress=False)
+    with pytest.raises(ValueError, match="held_out"):
+        tune(f, x, T_SPAN, held_out=1.5, progress=False)
+    with pytest.raises(ValueError, match="bases must be"):
+        tune(f, x, T_SPAN, bases=("euler",), progress=False)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    with pytest.raises(ValueError, match="pass hypernet="):
+        tune(lambda t, z: conv(z), torch.randn(16, 2, 4, 4), T_SPAN, nfe=[4], bases=(HyperEuler,), progress=False)
+
+
+def test_scaled_mlp_hypernet_standardises_and_round_trips(tmp_path):
+    from torchdyn_hypersolvers import save
+    from torchdyn_hypersolvers.fit import residual_data
+
+    def vf(t, z):
+        return torch.stack([10 * z[:, 1], -z[:, 0] - 3 * z[:, 1]], 1)
+
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([5.0, 0.5])
+    g = MLPHyperNet(2, hidden=(8,), scaled=True)
+    hs = HyperMidpoint(g)
+    trajectories = harvest_for(vf, x, hs)
+    mesh = torch.linspace(0, 1, 5)
+    with torch.no_grad():  # zero last layer: the base solver, scaled or not
+        assert torch.equal(hs.solve(vf, x, mesh), hs.base_solver.solve(vf, x, mesh))
+    data = residual_data(hs, trajectories)
+    g.standardize_(data)
+    assert torch.allclose(g.z_mean, data.z.flatten(0, 1).mean(0))
+    assert torch.allclose(g.out_std, data.target.flatten(0, 1).std(0))
+    assert float(g.z_std[0]) > 3 * float(g.z_std[1])  # the features' own scales
+    with torch.no_grad():
+        g.net[-1].weight.normal_()
+        g.net[-1].bias.normal_()
+    save(hs, tmp_path / "g.pt")
+    again = load(tmp_path / "g.pt")
+    assert again.hypernet.config["scaled"] is True
+    with torch.no_grad():
+        assert torch.equal(again.solve(vf, x, mesh), hs.solve(vf, x, mesh))
+    with pytest.raises(ValueError, match="scaled=True"):
+        MLPHyperNet(2).standardize_(data)
+
+
+def harvest_for(vf, x, hs):
+    from torchdyn_hypersolvers import harvest
+
+    return harvest(vf, x, T_SPAN, steps=[4], base=hs)

@@ -1,0 +1,98 @@
+"""Learned time grids: where a fixed number of steps should fall on ``[t0, t1]``.
+
+A grid of ``n`` steps is ``n`` logits: the step sizes are ``(t1 - t0) * softmax(logits)``, so
+every grid is strictly monotone, starts at ``t0`` and ends at ``t1`` exactly, and the zero
+logits are the uniform grid. :func:`fit_time_grid` fits the logits to a solver's terminal error
+against reference solutions; the solver (and its g) and the vector field do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .loop import fixed_solve
+from .mesh import check_t_span
+
+__all__ = ["grid_from_logits", "fit_time_grid"]
+
+LOGIT_BOUND = 4.0
+"""Logits are kept in [-4, 4]: no step is more than e^8 (about 3000) times another, and no two
+grid points can round to the same time."""
+
+
+def grid_from_logits(logits: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+    """The ``t_span`` of ``len(logits)`` steps from ``t0`` to ``t1`` with step fractions ``softmax(logits)``."""
+    if logits.dim() != 1 or logits.numel() < 1:
+        raise ValueError(f"logits must be 1-D with one entry per step, got shape {tuple(logits.shape)}")
+    t0, t1 = t0.to(logits).reshape(1), t1.to(logits).reshape(1)
+    inner = t0 + (t1 - t0) * torch.cumsum(torch.softmax(logits, 0), 0)[:-1]
+    return torch.cat([t0, inner, t1])
+
+
+def fit_time_grid(
+    solver: nn.Module,
+    f: Callable[[Tensor, Tensor], Tensor],
+    z0: Tensor,
+    z1: Tensor,
+    t_span,
+    steps: int,
+    iterations: int = 200,
+    lr: float = 0.05,
+    batch_size: int = 256,
+    seed: Optional[int] = 0,
+) -> Tensor:
+    """The grid of ``steps`` steps on ``[t_span[0], t_span[-1]]`` on which ``solver`` best reaches ``z1`` from ``z0``.
+
+    Minimises the mean terminal error ``||solve(z0) - z1||`` over batches of ``batch_size``
+    initial states with Adam, starting from the uniform grid; only the grid's ``steps`` logits
+    are fitted (gradients are taken with respect to them alone: neither the solver's g nor f gets
+    a ``.grad``). Returns the grid (detached, in ``z0``'s dtype, on its device).
+
+    Args:
+        solver: any fixed-step solver of the torchdyn protocol (a hypersolver, or a classical one).
+        z0, z1: initial states ``[N, ...]`` and the reference states at ``t_span[-1]``.
+        t_span: its first and last points are the grid's ends (a decreasing one is a backward grid).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
+    if z0.shape != z1.shape:
+        raise ValueError(f"z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+    span = check_t_span(t_span)
+    t0, t1 = span[0].to(z0), span[-1].to(z0)
+    logits = torch.zeros(steps, dtype=z0.dtype, device=z0.device, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    z1 = z1.to(z0)
+    good = logits.detach().clone()
+    validity = getattr(solver, "validity", None)
+    modes = [(m, m.training) for m in solver.modules()]
+    solver.eval()
+    if validity is not None:
+        solver.validity = None  # the grid moves through step sizes between the fitted ones: no warnings
+    try:
+        for _ in range(iterations):
+            index = torch.randperm(len(z0), generator=generator)[:batch_size].to(z0.device)
+            grid = grid_from_logits(logits, t0, t1)
+            final = fixed_solve(solver, f, z0[index], grid, return_trajectory=False)
+            loss = (final - z1[index]).flatten(1).norm(dim=1).mean()
+            (grad,) = torch.autograd.grad(loss, [logits])
+            if not bool(torch.isfinite(loss) and torch.isfinite(grad).all()):
+                break  # the solve blew up on this grid: go back to the last logits whose solve was finite
+            good = logits.detach().clone()
+            logits.grad = grad
+            optimizer.step()
+            with torch.no_grad():
+                logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+        else:
+            good = logits.detach()
+    finally:
+        for module, flag in modes:
+            module.train(flag)
+        if validity is not None:
+            solver.validity = validity
+    return grid_from_logits(good, t0, t1)
