@@ -111,6 +111,8 @@ def _workloads(quick: bool) -> List[Workload]:
             torch.float32,
             HyperHeun,
             state_dim=2,
+            time=True,  # the CNF's field depends on t
+            stage_aware=True,
             **mlp,
         ),
         Workload(

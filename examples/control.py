@@ -121,7 +121,7 @@ def main(argv=None):
     system = ControlledSystem(dynamics, control_dim=1)
 
     # 1. fit HyperEuler's g across a distribution of (state, control) pairs
-    hs = HyperEuler(MLPHyperNet(3, hidden=(64, 64), control_dim=1))
+    hs = HyperEuler(MLPHyperNet(3, hidden=(32, 32), control_dim=1))
     with Timer() as t_harvest:
         pairs = control_pairs(system, n_uniform, n_random, horizon, gen)
         trajectories = harvest(system, pairs.to(device), torch.tensor([0.0, DT]), steps=[1, 2], base=hs)
