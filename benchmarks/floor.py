@@ -158,8 +158,8 @@ def _fit_base(w: Workload, cls: type, quick: bool):
     harvest_s = time.perf_counter() - start
     tol = trajectories.atol
     if w.hypernet is None:  # an MLP g on standardised inputs and outputs
-        stages = STAGES[cls] if w.stage_aware else 1
-        g = MLPHyperNet(w.state_dim, hidden=(64, 64), time=w.time, stages=stages, scaled=True).to(w.dtype)
+        reads = STAGES[cls] if w.stage_aware else 1
+        g = MLPHyperNet(w.state_dim, hidden=(64, 64), time=w.time, stages=reads, scaled=True).to(w.dtype)
         g.standardize_(residual_data(cls(g), trajectories))
     else:
         g = w.hypernet()
