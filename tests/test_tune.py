@@ -220,6 +220,8 @@ def test_bad_arguments_are_refused_by_name():
         tune(f, x, T_SPAN, nfe=[0, 4], progress=False)
     with pytest.raises(ValueError, match="held_out"):
         tune(f, x, T_SPAN, held_out=1.5, progress=False)
+    with pytest.raises(ValueError, match="one entry per input"):
+        tune(f, x, T_SPAN, labels=torch.zeros(3), progress=False)
     with pytest.raises(ValueError, match="bases must be"):
         tune(f, x, T_SPAN, bases=("euler",), progress=False)
     conv = nn.Conv2d(2, 2, 3, padding=1)

@@ -237,6 +237,8 @@ def tune(
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     if len(x) < 4:
         raise ValueError(f"tune needs at least 4 inputs to hold some out, got {len(x)}")
+    if labels is not None and len(labels) != len(x):
+        raise ValueError(f"labels must have one entry per input: got {len(labels)} labels for {len(x)} inputs")
     budgets = _check_budgets(nfe if nfe is not None else (MATCH_LADDER if match else (4, 8, 16, 24)))
     target = _parse_match(match) if match is not None else None
     bases = list(bases)
