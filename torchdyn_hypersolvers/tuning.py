@@ -307,6 +307,7 @@ def tune(
     # 3. Fit the candidates.
     candidates: Dict[str, Tuple[HyperSolver, List[int]]] = {}
     reports = {}
+    model_dtype = _model_dtype(model, x)
     for cls, steps in plan.items():
         options = [False] + ([True] if stage_aware and cls.tableau.stages > 1 else [])
         for aware in options:
@@ -314,14 +315,14 @@ def tune(
             if candidates and over_time():  # the first candidate is always fitted
                 pruned[label] = f"not fitted: the {max_seconds:g} s budget was spent"
                 continue
-            torch.manual_seed(seed)
-            g = make(cls, aware)
+            with torch.random.fork_rng(devices=[]):  # g's initialisation is seeded; the caller's RNG is untouched
+                torch.manual_seed(seed)
+                g = make(cls, aware)
             hs = cls(g)
             meshes = trajectories.replace(meshes={n: trajectories.meshes[n] for n in steps})
-            model_dtype = _model_dtype(model, x)
             if model_dtype is not None:
                 hs = hs.to(model_dtype)
-            if hasattr(g, "standardize_") and g.config.get("scaled", False):
+            if hasattr(g, "standardize_") and getattr(g, "config", {}).get("scaled", False):
                 g.standardize_(residual_data(hs, meshes))
             reports[label] = fit(hs, meshes, iterations=iterations, progress=False, seed=seed, device=device)
             hs.eval()
