@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-slow test-wheel lint bench clean
+.PHONY: install demo test test-slow test-wheel lint bench api-docs clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[examples,dev,lightning]'
+	$(PY) -m pip install --quiet -e '.[examples,dev,lightning,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,6 +31,11 @@ test-wheel: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks --out results/bench
+
+# The API reference, built from the docstrings (Sphinx autodoc + napoleon) into build/api.
+api-docs: $(STAMP)
+	$(PY) -m sphinx -b html -n -q docs/api build/api
+	@echo "API reference: build/api/index.html"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info results

@@ -9,7 +9,7 @@ from typing import Callable, Dict
 
 import torch
 
-from torchdyn_hypersolvers.costs import median_times
+from torchdyn_hypersolvers._costs import median_times
 
 
 def machine() -> Dict[str, object]:

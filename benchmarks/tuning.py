@@ -22,8 +22,8 @@ import torchdiffeq
 from torchdyn.numerics import odeint as torchdyn_odeint
 
 from torchdyn_hypersolvers import ConvHyperNet, HyperEuler, HyperMidpoint, tune
-from torchdyn_hypersolvers.reference import reference_solve
-from torchdyn_hypersolvers.user_model import resolve_model
+from torchdyn_hypersolvers._reference import reference_solve
+from torchdyn_hypersolvers._user_model import resolve_model
 
 from . import workloads
 from .common import compare

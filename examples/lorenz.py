@@ -65,9 +65,9 @@ from torchdyn_hypersolvers import (  # noqa: E402
     harvest,
     pareto,
 )
+from torchdyn_hypersolvers._reference import reference_solve  # noqa: E402
 from torchdyn_hypersolvers.fit import residual_data  # noqa: E402
 from torchdyn_hypersolvers.metrics import global_truncation_error  # noqa: E402
-from torchdyn_hypersolvers.reference import reference_solve  # noqa: E402
 
 SIGMA, RHO, BETA = 10.0, 28.0, 8.0 / 3.0
 T_END = 5.0

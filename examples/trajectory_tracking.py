@@ -58,8 +58,8 @@ from torchdyn_hypersolvers import (  # noqa: E402
     harvest,
     pareto,
 )
+from torchdyn_hypersolvers._reference import reference_solve  # noqa: E402
 from torchdyn_hypersolvers.metrics import global_truncation_error  # noqa: E402
-from torchdyn_hypersolvers.reference import reference_solve  # noqa: E402
 
 BAND = (10, 25)  # the NFE range of the supplement's Fig. 8
 FULL = dict(

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from torchdyn_hypersolvers import HyperEuler, MLPHyperNet, Trajectories
+from torchdyn_hypersolvers._records import validity_record
 
 
 def problem(count: int = 16):
@@ -53,7 +54,7 @@ def main(out: pathlib.Path, steps: int, batch_per_rank: int) -> None:
     record = {"world_size": trainer.world_size, "seen": module.seen, "loss_history": module.loss_history}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
-        torch.save({"weights": hs.g.state_dict(), "validity": hs.validity.to_dict()}, out / "fitted.pt")
+        torch.save({"weights": hs.g.state_dict(), "validity": validity_record(hs.validity)}, out / "fitted.pt")
 
 
 if __name__ == "__main__":

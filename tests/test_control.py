@@ -12,8 +12,8 @@ from torch import nn
 from torchdyn.numerics import odeint
 
 from torchdyn_hypersolvers import Euler, HyperEuler, HyperMidpoint, Midpoint, MLPHyperNet, fit, harvest, load, save
+from torchdyn_hypersolvers._reference import reference_solve
 from torchdyn_hypersolvers.control import ControlledSystem, rollout
-from torchdyn_hypersolvers.reference import reference_solve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

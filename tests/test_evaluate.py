@@ -9,7 +9,7 @@ from torchdyn.core import NeuralODE
 from torchdyn.nn import Augmenter
 
 from torchdyn_hypersolvers import HyperEuler, HyperMidpoint, MLPHyperNet
-from torchdyn_hypersolvers.costs import macs, median_times
+from torchdyn_hypersolvers._costs import macs, median_times
 from torchdyn_hypersolvers.evaluate import generalization, pareto
 from torchdyn_hypersolvers.metrics import (
     absolute_error,

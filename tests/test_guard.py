@@ -23,6 +23,7 @@ from torchdyn_hypersolvers import (
     load,
     save,
 )
+from torchdyn_hypersolvers._records import validity_fields, validity_record
 from torchdyn_hypersolvers.guard import GuardSummary
 from torchdyn_hypersolvers.validity import Validity
 
@@ -236,10 +237,10 @@ def test_fit_records_the_state_range_and_the_guard_uses_it(tmp_path):
     save(Guarded(hs), tmp_path / "g.pt")
     loaded = load(tmp_path / "g.pt")
     assert loaded.validity.state_min == record.state_min and loaded.describe() == hs.describe()
-    old = {k: v for k, v in record.to_dict().items() if k not in ("state_min", "state_max")}
-    assert not Validity.from_dict(old).has_state_range
+    old = {k: v for k, v in validity_record(record).items() if k not in ("state_min", "state_max")}
+    assert not Validity(**validity_fields(old)).has_state_range
     with pytest.raises(ValueError, match="state_min"):
-        Validity.from_dict({**old, "state_min": ["x", 1.0], "state_max": [1.0, 2.0]})
+        Validity(**validity_fields({**old, "state_min": ["x", 1.0], "state_max": [1.0, 2.0]}))
     # margin: states outside the fitted range take the base step, whatever g
     guarded = Guarded(loaded, margin=0.0, warn_fraction=None)
     assert "outside the fitted state range" in guarded.describe()

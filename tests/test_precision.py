@@ -9,8 +9,8 @@ from torch import nn
 from torchdyn.core import NeuralODE
 
 from torchdyn_hypersolvers import HyperRK4, MLPHyperNet, fit, harvest
-from torchdyn_hypersolvers.loop import fixed_solve
-from torchdyn_hypersolvers.reference import reference_solve
+from torchdyn_hypersolvers._loop import fixed_solve
+from torchdyn_hypersolvers._reference import reference_solve
 from torchdyn_hypersolvers.solvers import FixedStepSolver, HyperSolver
 
 SPAN = torch.linspace(0, 1, 2)

@@ -46,7 +46,7 @@ from torchdyn_hypersolvers import (
     register,
     save,
 )
-from torchdyn_hypersolvers.mesh import map_steps
+from torchdyn_hypersolvers._mesh import map_steps
 
 SPAN = torch.linspace(0, 1, 2)
 NAN, INF = float("nan"), float("inf")

@@ -18,7 +18,7 @@ from torchdyn_hypersolvers import (
     pareto,
     save,
 )
-from torchdyn_hypersolvers.costs import CallCounter
+from torchdyn_hypersolvers._costs import CallCounter
 from torchdyn_hypersolvers.fit import residual_data, residual_loss
 from torchdyn_hypersolvers.hypernets import ConvHyperNet, check_hypernet_input
 from torchdyn_hypersolvers.tableaus import HEUN, rk_increment, rk_stages

@@ -16,7 +16,7 @@ from torchdyn_hypersolvers import (
     Midpoint,
     Ralston,
 )
-from torchdyn_hypersolvers.names import resolve_base
+from torchdyn_hypersolvers._solver_names import resolve_base
 from torchdyn_hypersolvers.tableaus import EULER, HEUN, MIDPOINT, RALSTON, alpha_tableau, rk_increment
 from torchdyn_hypersolvers.tableaus import RK4 as RK4_TABLEAU
 

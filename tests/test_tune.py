@@ -10,8 +10,8 @@ from torchdyn.core import NeuralODE
 from torchdyn.numerics import odeint
 
 from torchdyn_hypersolvers import Euler, HyperEuler, HyperMidpoint, MLPHyperNet, load, pareto, tune
-from torchdyn_hypersolvers.grid import fit_time_grid, grid_from_logits
-from torchdyn_hypersolvers.reference import reference_solve
+from torchdyn_hypersolvers._reference import reference_solve
+from torchdyn_hypersolvers._time_grid import fit_time_grid, grid_from_logits
 
 T_SPAN = torch.linspace(0, 1, 2)
 

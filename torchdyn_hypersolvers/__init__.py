@@ -1,12 +1,13 @@
 """Hypersolvers for torchdyn: fast, learned fixed-step solvers for Neural ODEs.
 
 The public API is what ``__all__`` lists. Tableaus and the generic step live in
-:mod:`.tableaus`, error metrics in :mod:`.metrics`, the naming rule in :mod:`.names`.
+:mod:`.tableaus`, error metrics in :mod:`.metrics`, the naming rule in :mod:`~._solver_names`.
 """
 
 import importlib
 import warnings
 
+from . import _compat
 from ._version import __version__
 from .evaluate import ParetoResult, generalization, pareto
 from .fit import Adversarial, FitDivergedError, FitReport, fit
@@ -86,7 +87,7 @@ _MOVED = {
     "RK4_TABLEAU": ("tableaus", "RK4"),
     "alpha_tableau": ("tableaus", "alpha_tableau"),
     "rk_increment": ("tableaus", "rk_increment"),
-    "REFERENCE_SOLVERS": ("names", "ADAPTIVE_SOLVERS"),
+    "REFERENCE_SOLVERS": ("_solver_names", "ADAPTIVE_SOLVERS"),
     "ParetoRow": ("evaluate", "ParetoRow"),
     "terminal_mape": ("metrics", "terminal_mape"),
     "absolute_error": ("metrics", "absolute_error"),
@@ -97,6 +98,9 @@ _MOVED = {
     "unregister": ("registry", "unregister"),
     "registered": ("registry", "registered"),
 }
+
+
+_compat.install()  # the module paths of earlier versions (torchdyn_hypersolvers.mesh, ...)
 
 
 def __getattr__(name: str):

@@ -28,8 +28,9 @@ from typing import Callable, Union
 import torch
 from torch import Tensor, nn
 
-from .names import resolve_solver
-from .reference import reference_solve
+from ._checks import check_int
+from ._reference import reference_solve
+from .registry import resolve_solver
 
 __all__ = ["ControlledSystem", "Rollout", "rollout"]
 
@@ -47,10 +48,8 @@ class ControlledSystem(nn.Module):
 
     def __init__(self, dynamics: Callable[[Tensor, Tensor, Tensor], Tensor], control_dim: int):
         super().__init__()
-        if isinstance(control_dim, bool) or not isinstance(control_dim, int) or control_dim < 1:
-            raise ValueError(f"control_dim must be a positive int, got {control_dim!r}")
         self.dynamics = dynamics
-        self.control_dim = control_dim
+        self.control_dim = check_int(control_dim, "control_dim")
 
     def split(self, z: Tensor):
         """``(x, u)`` of a state ``z = [x, u]``."""
@@ -128,8 +127,7 @@ def rollout(
 
     Gradients flow through every solver (train a controller through it).
     """
-    if isinstance(substeps, bool) or not isinstance(substeps, int) or substeps < 1:
-        raise ValueError(f"substeps must be a positive int, got {substeps!r}")
+    check_int(substeps, "substeps")
     t_span = torch.as_tensor(t_span, dtype=x0.dtype, device=x0.device)
     if t_span.dim() != 1 or t_span.numel() < 2 or not bool((t_span[1:] > t_span[:-1]).all()):
         raise ValueError(f"t_span must be increasing control instants (at least two), got {t_span.tolist()}")

@@ -1,9 +1,9 @@
 """Pareto sweeps: solvers x step counts (and adaptive solvers x tolerances) on a model.
 
 Every fixed-step solver -- hypersolvers, this package's bases and torchdyn's own
-``Euler`` / ``Midpoint`` / ``RungeKutta4`` -- runs through the same loop
-(:func:`~torchdyn_hypersolvers.solvers.fixed_solve`), so their times compare like for
-like. Adaptive solvers run through torchdyn's or torchdiffeq's ``odeint``.
+``Euler`` / ``Midpoint`` / ``RungeKutta4`` -- runs through the package's one fast loop, so
+their times compare like for like. Adaptive solvers run through torchdyn's or torchdiffeq's
+``odeint``.
 """
 
 from __future__ import annotations
@@ -20,19 +20,20 @@ import torch
 from torch import Tensor, nn
 from torchdyn.core import NeuralODE
 
-from .costs import CallCounter, counting_calls, macs, median_times
-from .loop import fixed_solve
-from .mesh import check_t_span, mesh_union
+from ._costs import CallCounter, counting_calls, macs, median_times
+from ._loop import fixed_solve
+from ._mesh import check_t_span, mesh_union
+from ._reference import reference_solve
+from ._solver_names import resolve_adaptive
+from ._user_model import preserved, resolve_model
 from .metrics import global_truncation_error, pareto_front, task_decrement, terminal_mape
-from .names import resolve_adaptive, resolve_solver
-from .reference import reference_solve
+from .registry import resolve_solver
 from .solvers import HyperSolver
-from .user_model import preserved, resolve_model
 
 __all__ = ["ParetoRow", "ParetoResult", "pareto", "generalization", "CLASSICAL"]
 
 CLASSICAL = ("euler", "midpoint", "heun", "rk4")
-"""The classical fixed-step bases, by name (see :mod:`.names`)."""
+"""The classical fixed-step bases, by name (see :mod:`~._solver_names`)."""
 
 SolverSpec = Union[str, nn.Module]
 Solvers = Union[Sequence[SolverSpec], Mapping[str, SolverSpec]]
@@ -278,7 +279,7 @@ def pareto(
         ref = reference_solve(f, z0, t_union, reference, reference_tol, reference_tol)
         t_ends = torch.tensor([t0, t1]).to(z0)
         head = head if head is not None else _head_after(model, z0, t_ends)
-        task = _Task(head, labels, metric)
+        task = _TaskMetric(head, labels, metric)
         macs_f = macs(f, t_ends[0], z0)
         rows, runs = [], {}
         for name, kind, target in classified:
@@ -330,7 +331,7 @@ def _count_g(stepper: nn.Module) -> Iterator[CallCounter]:
 
 
 @dataclass
-class _Task:
+class _TaskMetric:
     """The task metric of a sweep: ``head`` (None: no task), ``labels``, ``metric``."""
 
     head: Optional[Callable[[Tensor], Tensor]]
@@ -356,7 +357,7 @@ def _row(
     final: Tensor,
     ref_final: Tensor,
     global_error: Optional[Tensor] = None,
-    task: _Task,
+    task: _TaskMetric,
 ) -> ParetoRow:
     """A row from one solve's counts and final state (errors against ``ref_final``); untimed."""
     errors = (final - ref_final).flatten(1).norm(dim=1)

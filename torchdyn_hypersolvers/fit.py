@@ -21,14 +21,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._mesh import map_steps, step_times
+from ._optimisation import FitDivergedError, LastFinite, clip_gradients, diverged, fitting, optimizer_and_schedule
+from ._precision import cast_floating, in_float64, parameter_dtype
+from ._progress import progress_bar
+from ._reference import reference_solve
+from ._solver_names import resolve_adaptive
+from ._user_model import module_device, owned_modules, preserved
 from .harvest import Trajectories
-from .mesh import map_steps, step_times
-from .names import resolve_adaptive
-from .precision import cast_floating, in_float64, parameter_dtype
-from .recipe import FitDivergedError, LastFinite, clip_gradients, diverged, fitting, optimizer_and_schedule
-from .reference import reference_solve
 from .solvers import HyperSolver, map_stage_corrections
-from .user_model import module_device, owned_modules, preserved
 from .validity import Validity
 
 __all__ = [
@@ -578,7 +579,7 @@ def _optimise(params, loss_at, iterations: int, method: str, lr, lr_min, weight_
     parameters only, clipping, a step; on divergence g gets back its last finite weights."""
     optimizer, schedule = optimizer_and_schedule(params, lr, lr_min, weight_decay, iterations)
     history: List[float] = []
-    bar = _progress(iterations, progress)
+    bar = progress_bar(iterations, progress, "fitting g")
     last = LastFinite(params)
     try:
         for i in range(iterations):
@@ -604,14 +605,3 @@ def _optimise(params, loss_at, iterations: int, method: str, lr, lr_min, weight_
         if bar is not None:
             bar.close()
     return history
-
-
-def _progress(total: int, enabled: bool, desc: str = "fitting g"):
-    """A tqdm bar, or None when disabled or tqdm (an optional extra) is missing."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return None
-    return tqdm(total=total, desc=desc, leave=False)

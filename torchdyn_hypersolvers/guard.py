@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .loop import fixed_solve
-from .mesh import check_t_span
+from ._loop import fixed_solve
+from ._mesh import check_t_span
 from .solvers import FixedStepSolver, HyperSolver
+from .tableaus import VectorField
 from .validity import Validity
 
 __all__ = ["Guarded", "GuardSummary"]
 
-VectorField = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)

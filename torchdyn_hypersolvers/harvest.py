@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import math
 import numbers
 import os
 import warnings
@@ -15,14 +14,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor
 
-from .files import read_plain, write_atomic
-from .mesh import check_t_span, mesh_union
-from .names import resolve_adaptive, resolve_base
-from .precision import FLOAT64_BELOW, float64_field, precise_tolerance
-from .reference import reference_solve
-from .user_model import closure_state, module_device, owned_modules, preserved, resolve_model
+from ._checks import check_int
+from ._files import read_plain, write_atomic
+from ._mesh import check_t_span, mesh_union
+from ._precision import FLOAT64_BELOW, float64_field, precise_tolerance
+from ._reference import Reference, reference_solve
+from ._solver_names import resolve_base
+from ._user_model import closure_state, module_device, owned_modules, preserved, resolve_model
 
-__all__ = ["Trajectories", "harvest"]
+__all__ = ["Reference", "Trajectories", "harvest", "reference_solve"]
 
 _FORMAT = 1
 
@@ -165,14 +165,13 @@ def harvest(
     inputs,
     t_span,
     steps: Optional[Sequence[int]] = None,
-    reference: str = "dopri5",
-    atol: Optional[float] = None,
-    rtol: Optional[float] = None,
+    reference: Union[str, Reference] = "dopri5",
     max_trajectories: Optional[int] = None,
     batch_size: int = 256,
     device=None,
     cache: Union[str, os.PathLike, None] = None,
     base=None,
+    **tolerances: Optional[float],
 ) -> Trajectories:
     """Solve the model's ODE accurately from its inputs and keep the trajectories.
 
@@ -184,20 +183,17 @@ def harvest(
         t_span: the mesh to fit on; with ``steps``, only its endpoints are used and the
             meshes are uniform with those step counts (one g can then serve all of them).
             A decreasing ``t_span`` harvests backward trajectories.
-        reference: an accurate adaptive solver, named as in :mod:`.names` (``'torchdiffeq:dopri5'``, ...).
-        atol, rtol: the reference solver's tolerances; those not given are 1e-6 without ``base``
-            and chosen for the base (below) with it.
-        base: the hypersolver to be fitted, or its base solver (a name, a tableau, a solver; see
-            :func:`~.names.resolve_base`). The residual targets are divided by ``dt**(p+1)``, and
-            so is the reference's error: with ``base`` known, a tolerance not given is chosen
-            so that the reference error stays about 1% of the targets on the finest mesh
-            (``|R|`` estimated by step doubling on a few states; the rule is in
-            :mod:`.precision`: about ``1e-3 * dt_min**(p+1) * |R| / (1 + |z|)``, clamped to
-            ``[1e-12, 1e-6]``), and the reference is solved in float64 when that tolerance is
-            below 1e-7 or the base's order is 2 or more, with f evaluated in float64 (a float64
-            copy of a module; never the user's model; a plain callable that does not answer in
-            float64 keeps its dtype, with a warning). The trajectories are then float64 (their
-            ``states.dtype``), and ``fit`` casts what g sees back to g's dtype.
+        reference: an accurate adaptive solver by name (``'dopri5'``, ``'torchdyn:tsit5'``, ...; see
+            docs/solver-names.md) or a :class:`Reference` with its tolerances.
+        atol, rtol: (keywords) the reference's tolerances; those not given are 1e-6 without ``base``
+            and chosen for the base with it.
+        base: the hypersolver to be fitted, or its base solver (a name, a tableau, a solver). Its
+            residual targets are divided by ``dt**(p+1)``, and so is the reference's error: with
+            ``base`` known, a tolerance not given is chosen to keep the reference error about 1% of
+            the targets on the finest mesh (about ``1e-3 * dt_min**(p+1) * |R| / (1 + |z|)``, ``|R|``
+            estimated by step doubling, clamped to ``[1e-12, 1e-6]``), and the reference is solved in
+            float64 (f on a float64 copy, never the user's model) when that tolerance is below 1e-7 or
+            the order is 2 or more. The trajectories are then float64; ``fit`` casts what g sees back.
         max_trajectories: stop after this many trajectories (a positive integer).
         batch_size: how many initial states are solved together (a positive integer).
         device: where the trajectories are kept (default: where the model computes).
@@ -222,13 +218,12 @@ def harvest(
             float16, bfloat16), or a callable that cannot be called as ``f(t, z)``.
     """
     f, initial_state, module = resolve_model(model)
-    reference = resolve_adaptive(reference, role="reference")
-    batch_size = _positive_int(batch_size, "batch_size")
+    chosen = Reference.of(reference, **tolerances)
+    reference, atol, rtol = chosen.full_name, chosen.atol, chosen.rtol
+    batch_size = check_int(batch_size, "batch_size")
     if max_trajectories is not None:
-        max_trajectories = _positive_int(max_trajectories, "max_trajectories")
+        max_trajectories = check_int(max_trajectories, "max_trajectories")
     tableau = resolve_base(base) if base is not None else None
-    atol = None if atol is None else _tolerance(atol, "atol")
-    rtol = None if rtol is None else _tolerance(rtol, "rtol")
     t_span = check_t_span(t_span)
     if steps is None:
         t, meshes = t_span.to(torch.float64), {len(t_span) - 1: torch.arange(len(t_span))}
@@ -271,7 +266,7 @@ def harvest(
 
 def _reference_settings(f, z0s: List[Tensor], t: Tensor, meshes, tableau, atol, rtol):
     """``(float64 f or None, atol, rtol)``: today's 1e-6 without a base; with one, the
-    tolerances not given follow :func:`~.precision.precise_tolerance` and the reference is
+    tolerances not given follow :func:`~._precision.precise_tolerance` and the reference is
     solved in float64 (f in float64: the first item) when the base needs it."""
     if tableau is None:
         return None, 1e-6 if atol is None else atol, 1e-6 if rtol is None else rtol
@@ -323,18 +318,6 @@ def _read_cache(cache, f, device, t: Tensor, meshes, fingerprint: Dict[str, str]
         why = f"this request differs from the one it was made from in {', '.join(differ) or 'its settings'}"
     warnings.warn(f"harvest cache {os.fspath(cache)!s} is recomputed and overwritten: {why}", UserWarning, stacklevel=3)
     return None
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _tolerance(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 _HARVEST_DTYPES = (torch.float32, torch.float64)

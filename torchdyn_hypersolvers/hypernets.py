@@ -1,6 +1,7 @@
 """How a hypersolver calls its network g, and ready-made g templates.
 
-Three call conventions are real code in the wild and all are supported:
+Five call conventions are supported; the first three are real code in the wild, the last two
+read every stage of the base step:
 
 ``'concat'``
     ``g(cat([z, f(t, z), dt], dim=1))``: a plain network on the channel-wise
@@ -40,6 +41,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ._checks import check_int
 
 __all__ = [
     "CONVENTIONS",
@@ -267,8 +270,7 @@ class _TemplateHyperNet(nn.Module):
     def _options(self, time: bool, stages: int) -> int:
         """Record ``time`` / ``stages`` (in ``config`` only when not the defaults, so files saved
         with the defaults are unchanged) and return how many state-sized inputs ``net`` reads."""
-        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-            raise ValueError(f"stages must be a positive int (the base step's stage count), got {stages!r}")
+        check_int(stages, "stages (the base step's stage count)")
         if not isinstance(time, bool):
             raise ValueError(f"time must be a bool, got {time!r}")
         if time:
@@ -340,8 +342,7 @@ class MLPHyperNet(_TemplateHyperNet):
         scaled: bool = False,
     ):
         super().__init__()
-        if state_dim < 1:
-            raise ValueError(f"state_dim must be positive, got {state_dim}")
+        check_int(state_dim, "state_dim")
         if isinstance(control_dim, bool) or not isinstance(control_dim, int) or not 0 <= control_dim < state_dim:
             raise ValueError(f"control_dim must be an int in [0, state_dim={state_dim}), got {control_dim!r}")
         self.config = {"state_dim": int(state_dim), "hidden": [int(h) for h in hidden], "activation": activation}

@@ -11,7 +11,6 @@ on, the fit report's summary, the validity record, and the versions that wrote i
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -19,10 +18,11 @@ import torch
 from torch import nn
 
 from . import hypernets
+from ._files import read_plain, write_atomic
+from ._records import report_record, tableau_of, tableau_record, trajectories_record, validity_fields, validity_record
+from ._solver_names import resolve_base
 from ._version import __version__
-from .files import read_plain, write_atomic
 from .guard import Guarded
-from .names import resolve_base
 from .solvers import BaseLike, HyperSolver
 from .tableaus import ButcherTableau
 from .validity import Validity
@@ -38,97 +38,9 @@ _REQUIRED = ("format_version", "tableau", "solver", "convention", "hypernet", "s
 PathLike = Union[str, os.PathLike]
 
 
-def _tableau_record(tableau: ButcherTableau) -> Dict[str, Any]:
-    return {
-        "name": tableau.name,
-        "order": int(tableau.order),
-        "a": [[float(v) for v in row] for row in tableau.a],
-        "b": [float(v) for v in tableau.b],
-        "c": [float(v) for v in tableau.c],
-    }
-
-
-_CONSISTENCY = 1e-9
-"""How far ``sum(b)`` may be from 1 and a row sum of ``a`` from its node ``c``, in a loaded tableau."""
-
-
-def _numbers(value, field: str, where: str) -> tuple:
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value
-    ):
-        raise ValueError(f"{where}: the tableau's {field} must be a list of finite numbers, got {value!r}")
-    return tuple(float(v) for v in value)
-
-
-def _tableau_of(record: Dict[str, Any], path: PathLike = "the file") -> ButcherTableau:
-    """The saved tableau, checked: well-typed fields, order an int >= 1, finite coefficients, and
-    the consistency conditions ``sum(b) == 1``, ``c[0] == 0`` and row sums of ``a`` equal to ``c``."""
-    where = f"{os.fspath(path)!s} is corrupt"
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: its tableau must be a dict, got {type(record).__name__} {record!r}")
-    missing = [k for k in ("name", "order", "a", "b", "c") if k not in record]
-    if missing:
-        raise ValueError(f"{where}: its tableau lacks the fields {missing}")
-    name, order = record["name"], record["order"]
-    if not isinstance(name, str):
-        raise ValueError(f"{where}: the tableau's name must be a str, got {name!r}")
-    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or order < 1:
-        raise ValueError(f"{where}: the tableau's order must be an int >= 1, got {order!r}")
-    if not isinstance(record["a"], (list, tuple)):
-        raise ValueError(f"{where}: the tableau's a must be a list of rows, got {record['a']!r}")
-    a = tuple(_numbers(row, f"row {i + 1} of a", where) for i, row in enumerate(record["a"]))
-    b, c = _numbers(record["b"], "b", where), _numbers(record["c"], "c", where)
-    try:
-        tableau = ButcherTableau(name, int(order), a, b, c)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-    if abs(math.fsum(b) - 1.0) > _CONSISTENCY:
-        raise ValueError(f"{where}: the tableau's weights b = {list(b)} sum to {math.fsum(b)!r}, not 1")
-    for i, row in enumerate(a):
-        if abs(math.fsum(row) - c[i + 1]) > _CONSISTENCY:
-            raise ValueError(
-                f"{where}: row {i + 1} of the tableau's a sums to {math.fsum(row)!r}, not to its node "
-                f"c[{i + 1}] = {c[i + 1]!r}"
-            )
-    return tableau
-
-
 def _same_method(x: ButcherTableau, y: ButcherTableau) -> bool:
     """The same Runge-Kutta method: order and coefficients equal (names may differ)."""
     return (x.order, x.a, x.b, x.c) == (y.order, y.a, y.b, y.c)
-
-
-def _trajectories_record(trajectories) -> Dict[str, Any]:
-    step_sizes = {}
-    for n in trajectories.steps:
-        t_span, _ = trajectories.mesh(n)
-        dts = (t_span[1:] - t_span[:-1]).abs()
-        step_sizes[int(n)] = [float(dts.min()), float(dts.max())]
-    return {
-        "steps": [int(n) for n in trajectories.steps],
-        "t": trajectories.t.detach().cpu().clone(),
-        "meshes": {int(n): idx.detach().cpu().clone() for n, idx in trajectories.meshes.items()},
-        "step_sizes": step_sizes,
-        "state_shape": [int(n) for n in trajectories.state_shape],
-        "count": len(trajectories),
-        "dtype": str(trajectories.states.dtype),
-        "reference": str(trajectories.reference),
-        "atol": float(trajectories.atol),
-        "rtol": float(trajectories.rtol),
-    }
-
-
-def _report_record(report) -> Dict[str, Any]:
-    return {
-        "method": str(report.method),
-        "iterations": int(report.iterations),
-        "wall_time": float(report.wall_time),
-        "residual_error": {int(n): float(v) for n, v in report.residual_error.items()},
-        "base_residual_error": {int(n): float(v) for n, v in report.base_residual_error.items()},
-        "final_loss": float(report.loss_history[-1]) if report.loss_history else None,
-        "adversarial_worst": [float(v) for v in report.adversarial_worst],
-        "target_noise": {int(n): float(v) for n, v in getattr(report, "target_noise", {}).items()},
-    }
 
 
 def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=None) -> None:
@@ -164,7 +76,7 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
         "torch_version": str(torch.__version__),
         "solver": solver if _solver_class(solver) is type(hypersolver) else "HyperSolver",
         "solver_class": f"{type(hypersolver).__module__}.{type(hypersolver).__qualname__}",
-        "tableau": _tableau_record(hypersolver.tableau),
+        "tableau": tableau_record(hypersolver.tableau),
         "convention": hypersolver.convention,
         "residual_scale": float(hypersolver.residual_scale),
         "hypernet": {
@@ -173,9 +85,10 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
             "config": dict(g.config) if ours else None,
         },
         "state_dict": {k: v.detach().cpu().clone() for k, v in g.state_dict().items()},
-        "validity": validity.to_dict() if validity is not None else None,
-        "trajectories": _trajectories_record(trajectories) if trajectories is not None else None,
-        "report": _report_record(report) if report is not None else None,
+        "validity": validity_record(validity) if validity is not None else None,
+        "time_grid": list(hypersolver.__dict__["_time_grid"]) if hypersolver.time_grid is not None else None,
+        "trajectories": trajectories_record(trajectories) if trajectories is not None else None,
+        "report": report_record(report) if report is not None else None,
     }
     write_atomic(blob, path, prefix=".hypersolver-")
 
@@ -323,7 +236,7 @@ def load(
             ``map_location='cuda'`` on a machine without CUDA.
     """
     blob = _read(path, map_location)
-    tableau = _tableau_of(blob["tableau"], path)
+    tableau = tableau_of(blob["tableau"], f"{os.fspath(path)!s} is corrupt")
     if base is not None:
         wanted = resolve_base(base)
         if not _same_method(wanted, tableau):
@@ -347,11 +260,14 @@ def load(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < float("inf"):
         raise ValueError(f"{os.fspath(path)!s} is corrupt: residual_scale is {scale!r}, not a positive finite number")
     hs.residual_scale = float(scale)
-    if blob.get("validity") is not None:
-        try:
-            hs.validity = Validity.from_dict(blob["validity"])
-        except ValueError as err:
-            raise ValueError(f"{os.fspath(path)!s} is corrupt: {err}") from err
+    record = blob.get("validity")
+    grid = blob.get("time_grid", record.get("grid") if isinstance(record, dict) else None)  # 0.2 kept it there
+    try:
+        if record is not None:
+            hs.validity = Validity(**validity_fields(record))
+        hs.time_grid = grid
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{os.fspath(path)!s} is corrupt: {err}") from err
     return hs
 
 

@@ -35,11 +35,11 @@ except ImportError:  # the unified `lightning` package ships the same API
             "torchdyn_hypersolvers.lightning needs PyTorch Lightning: pip install 'torchdyn-hypersolvers[lightning]'"
         ) from err
 
+from ._optimisation import FitDivergedError, LastFinite, clip_gradients, diverged, fitting, optimizer_and_schedule
+from ._user_model import module_device, owned_modules, preserved
 from .fit import METHODS, ResidualData, residual_data, residual_loss, trajectory_loss
 from .harvest import Trajectories
-from .recipe import FitDivergedError, LastFinite, clip_gradients, diverged, fitting, optimizer_and_schedule
 from .solvers import HyperSolver
-from .user_model import module_device, owned_modules, preserved
 from .validity import Validity
 
 __all__ = ["HypersolverFitModule", "TrajectoryDataModule"]

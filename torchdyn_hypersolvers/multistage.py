@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .hypernets import STAGE_CONVENTIONS, call_hypernet, check_hypernet_input, detect_convention
-from .solvers import HyperSolver, VectorField
-from .tableaus import rk_stages
+from .solvers import HyperSolver
+from .tableaus import VectorField, rk_stages
 
 __all__ = ["MultiStageHyperNet", "MultiStageHyperSolver"]
 

@@ -1,4 +1,5 @@
-"""Make a solver reachable by name in torchdyn: ``NeuralODE(f, solver='my-hs')``.
+"""Solvers by name: make one reachable in torchdyn (``NeuralODE(f, solver='my-hs')``), and
+resolve any solver a function of this package is given (a module or a name).
 
 Registration is explicit (never a side effect of import) and cannot shadow one of
 torchdyn's own solver names. torchdyn instantiates a named solver by calling the
@@ -8,14 +9,38 @@ so every model that names it shares the same fitted g.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from enum import Enum
+from typing import Dict, List, NamedTuple, Optional, Union
 
 from torch import nn
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
-from .names import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS
+from ._solver_names import ADAPTIVE_SOLVERS, FIXED_STEP_SOLVERS, is_adaptive_name, resolve_adaptive
+from .solvers import FixedStepSolver, HyperSolver
+from .tableaus import TABLEAUS
 
-__all__ = ["register", "unregister", "registered", "registered_solver"]
+__all__ = ["SolverKind", "Resolved", "register", "unregister", "registered", "registered_solver", "resolve_solver"]
+
+
+class SolverKind(str, Enum):
+    """What a resolved solver is; compares equal to its value (``SolverKind.HYPER == 'hyper'``)."""
+
+    HYPER = "hyper"
+    """A hypersolver: a base solver corrected by g."""
+    FIXED = "fixed"
+    """A classical fixed-step solver."""
+    ADAPTIVE = "adaptive"
+    """An adaptive solver of torchdyn or torchdiffeq, by its ``'<library>:<method>'`` name."""
+
+    __str__ = str.__str__
+
+
+class Resolved(NamedTuple):
+    """A resolved solver: its :class:`SolverKind`, and the module (hyper, fixed) or the full
+    ``'<library>:<method>'`` name (adaptive)."""
+
+    kind: SolverKind
+    solver: Union[nn.Module, str]
 
 _OURS: Dict[str, _Instance] = {}
 
@@ -70,3 +95,29 @@ def registered_solver(name: str) -> Optional[nn.Module]:
     """The solver registered under ``name``, or None."""
     entry = _OURS.get(name)
     return None if entry is None else entry.solver
+
+
+def resolve_solver(solver: Union[str, nn.Module]) -> Resolved:
+    """Resolve a solver given as a module or by name (the rule of :mod:`._solver_names`, plus the
+    names given to :func:`register`)."""
+    if isinstance(solver, HyperSolver):
+        return Resolved(SolverKind.HYPER, solver)
+    if isinstance(solver, nn.Module):
+        if getattr(solver, "stepping_class", None) != "fixed" or not hasattr(solver, "step"):
+            raise ValueError(
+                f"solver {type(solver).__name__} is not a fixed-step solver; name adaptive ones by string "
+                f"({', '.join(ADAPTIVE_SOLVERS)})"
+            )
+        return Resolved(SolverKind.FIXED, solver)
+    if isinstance(solver, str):
+        if solver.lower() in TABLEAUS:
+            return Resolved(SolverKind.FIXED, FixedStepSolver(solver))
+        mine = registered_solver(solver)
+        if mine is not None:
+            return Resolved(SolverKind.HYPER if isinstance(mine, HyperSolver) else SolverKind.FIXED, mine)
+        if is_adaptive_name(solver):
+            return Resolved(SolverKind.ADAPTIVE, resolve_adaptive(solver))
+    raise ValueError(
+        f"unknown solver {solver!r}: pass a (hyper)solver module, a fixed-step name "
+        f"({', '.join(FIXED_STEP_SOLVERS)} or a registered name) or an adaptive one ({', '.join(ADAPTIVE_SOLVERS)})"
+    )

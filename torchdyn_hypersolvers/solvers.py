@@ -7,7 +7,7 @@ returning ``(None, x_next, None)``. Every class here honours it, so it works in
 without any change to torchdyn.
 
 A class names its base solver as data, ``tableau = EULER``; the stepping itself is
-:func:`~.tableaus.rk_stages` and the loop over a mesh is :func:`~.loop.fixed_solve`.
+:func:`~.tableaus.rk_stages` and the loop over a mesh is :func:`~._loop.fixed_solve`.
 A new method is a tableau and a two-line class::
 
     class HyperRK38(HyperSolver):
@@ -24,15 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from . import tableaus
-from .adjoint import torchdyn_adjoint_solve
+from ._adjoint import torchdyn_adjoint_solve
+from ._loop import fixed_solve
+from ._mesh import check_t_span, check_time_grid, forward_time, map_steps, step_times
+from ._outside_fit import check_solve
+from ._precision import parameter_dtype
+from ._solver_names import resolve_base
+from ._states import check_state, state_prototype
 from .hypernets import call_hypernet, check_convention, check_hypernet_input, detect_convention, reads_stages
-from .loop import fixed_solve
-from .mesh import check_t_span, forward_time, map_steps, step_times
-from .names import resolve_base
-from .precision import parameter_dtype
-from .states import check_state, state_prototype
-from .tableaus import ButcherTableau, alpha_tableau, rk_increment, rk_stages
-from .validity import Validity, check_solve
+from .tableaus import ButcherTableau, VectorField, alpha_tableau, rk_increment, rk_stages
+from .validity import Validity
 from .validity import describe as describe_solver
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "HyperAlpha",
 ]
 
-VectorField = Callable[[Tensor, Tensor], Tensor]
 BaseLike = Union[str, ButcherTableau, nn.Module]
 
 
@@ -146,7 +146,7 @@ class FixedStepSolver(nn.Module):
     def solve(self, f: VectorField, z0: Tensor, t_span, return_trajectory: bool = True, **fast) -> Tensor:
         """Integrate over ``t_span``; the trajectory ``[T, ...]`` or only the final state.
 
-        ``fast`` options (``compile``, ``cuda_graph``) as in :func:`~.loop.fixed_solve`."""
+        ``fast`` options (``compile``, ``cuda_graph``) as in :func:`~._loop.fixed_solve`."""
         return fixed_solve(self, f, z0, t_span, return_trajectory, **fast)
 
     def extra_repr(self) -> str:
@@ -204,7 +204,7 @@ class HyperSolver(nn.Module):
     (``HyperEuler(hypernet)``, as torchdyn's ``HyperEuler(hypernet, dtype=...)``).
 
     Args:
-        base: the explicit fixed-step base solver (see :func:`~.names.resolve_base`).
+        base: the explicit fixed-step base solver (see :func:`~._solver_names.resolve_base`).
         hypernet: g, in any of the conventions of :mod:`.hypernets`.
         dtype: accepted for torchdyn's signature; the state's dtype is what a solve uses.
         convention: ``'concat'``, ``'tx'``, ``'dt_t_z_dz'``, ``'stages'`` or ``'concat_stages'``;
@@ -380,14 +380,19 @@ class HyperSolver(nn.Module):
     @property
     def time_grid(self) -> Optional[Tensor]:
         """The time grid :func:`~.tuning.tune` chose for this hypersolver (learned or uniform), as the
-        ``t_span`` to solve with (in g's dtype, on g's device); None when it was not tuned."""
-        validity = getattr(self, "validity", None)
-        if validity is None or validity.grid is None:
+        ``t_span`` to solve with (in g's dtype, on g's device); None when it was not tuned. Settable:
+        a 1-D sequence of at least two finite, strictly monotonic times (saved and loaded with g)."""
+        grid = self.__dict__.get("_time_grid")
+        if grid is None:
             return None
         like = next((p for p in self.parameters() if p.is_floating_point()), None)
         if like is None:
-            return torch.tensor(validity.grid)
-        return torch.tensor(validity.grid, dtype=like.dtype, device=like.device)
+            return torch.tensor(grid)
+        return torch.tensor(grid, dtype=like.dtype, device=like.device)
+
+    @time_grid.setter
+    def time_grid(self, grid) -> None:
+        self.__dict__["_time_grid"] = None if grid is None else check_time_grid(grid)
 
     def correction(
         self, dt: Tensor, t: Tensor, z: Tensor, dz: Tensor,
@@ -448,7 +453,7 @@ class HyperSolver(nn.Module):
         """Integrate over ``t_span`` with the correction on (or off: the base solver).
 
         The fast path: same numbers as torchdyn's ``odeint`` with this solver, without its
-        per-step overhead. ``fast`` options (``compile``, ``cuda_graph``) as in :func:`~.loop.fixed_solve`."""
+        per-step overhead. ``fast`` options (``compile``, ``cuda_graph``) as in :func:`~._loop.fixed_solve`."""
         return fixed_solve(self if correct else self.base_solver, f, z0, t_span, return_trajectory, **fast)
 
     # -- the paper's template methods (supplement B.1), vectorised over all steps --

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence, Tuple
 from torch import Tensor
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
+"""A vector field ``f(t, z) -> dz/dt``: what every solver in this package integrates."""
 
 __all__ = [
     "ButcherTableau",
@@ -112,7 +113,7 @@ def alpha_tableau(alpha: float) -> ButcherTableau:
 
 
 TABLEAUS = {t.name: t for t in (EULER, MIDPOINT, HEUN, RALSTON, RK4)}
-"""The base solvers reachable by name (see :mod:`.names` for the naming rule)."""
+"""The base solvers reachable by name (see :mod:`~._solver_names` for the naming rule)."""
 
 
 def rk_stages(

@@ -21,20 +21,21 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._loop import fixed_solve
+from ._mesh import check_t_span
+from ._precision import parameter_dtype
+from ._progress import progress_bar
+from ._reference import reference_solve
+from ._time_grid import fit_time_grid, grid_from_logits
+from ._user_model import preserved, resolve_model
 from .evaluate import ParetoResult, pareto
-from .fit import _progress, fit, residual_data
-from .grid import fit_time_grid
+from .fit import fit, residual_data
 from .harvest import harvest
 from .hypernets import MLPHyperNet
 from .io import save
-from .loop import fixed_solve
-from .mesh import check_t_span
-from .precision import parameter_dtype
-from .reference import reference_solve
 from .solvers import FixedStepSolver, HyperEuler, HyperMidpoint, HyperRK4, HyperSolver
-from .user_model import preserved, resolve_model
 
-__all__ = ["Choice", "TuneResult", "tune"]
+__all__ = ["Choice", "TuneResult", "tune", "fit_time_grid", "grid_from_logits"]
 
 DEFAULT_BASES = (HyperEuler, HyperMidpoint, HyperRK4)
 CLASSICAL = {1: "euler", 2: "midpoint", 4: "rk4"}
@@ -380,7 +381,8 @@ def tune(
                     mesh, error, learned = candidate, grid_error, True
             bar.update()
         # the mesh travels with the solver (hs.time_grid, saved and loaded), learned or uniform
-        hs.validity = dataclasses.replace(hs.validity, grid=tuple(mesh.tolist()), **_dt_range(hs.validity, mesh))
+        hs.validity = dataclasses.replace(hs.validity, **_dt_range(hs.validity, mesh))
+        hs.time_grid = mesh
         choices[n] = Choice(n, best.solver, hs, mesh, best.steps, error, uniform_error, best.wall_ms, learned)
     bar.close()
     return TuneResult(
@@ -422,7 +424,7 @@ class _Bar:
     """fit's tqdm bar (or nothing), counting the stages of the search."""
 
     def __init__(self, progress: bool, total: int):
-        self.bar = _progress(total, progress, "tune")
+        self.bar = progress_bar(total, progress, "tune")
 
     def update(self) -> None:
         if self.bar is not None:

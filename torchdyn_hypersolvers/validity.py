@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -19,10 +18,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["TOLERANCE", "Validity", "check_solve", "describe"]
+from ._outside_fit import TOLERANCE, OutsideFitWarning, outside_fit_ignored
+from ._records import validity_fields, validity_record
 
-TOLERANCE = 0.05
-"""Relative slack beyond the fitted step-size range before a solve warns."""
+__all__ = ["Validity", "OutsideFitWarning", "outside_fit_ignored", "describe"]
+
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,6 @@ class Validity:
             fitted backward); None when unknown (records written before they were kept).
         state_min, state_max: per feature (the state flattened), the smallest and largest value
             of the states g was fitted on; None when unknown (records written before they were kept).
-        grid: the time grid (every point of the ``t_span``, in the direction of integration) that
-            :func:`~.tuning.tune` chose for the hypersolver, learned or uniform; None after a plain fit.
     """
 
     dt_min: float
@@ -49,7 +47,6 @@ class Validity:
     t1: Optional[float] = None
     state_min: Optional[Tuple[float, ...]] = None
     state_max: Optional[Tuple[float, ...]] = None
-    grid: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.dt_min <= self.dt_max:
@@ -67,14 +64,6 @@ class Validity:
                 )
             object.__setattr__(self, "state_min", lo)
             object.__setattr__(self, "state_max", hi)
-        if self.grid is not None:
-            grid = tuple(float(v) for v in self.grid)
-            steps = [b - a for a, b in zip(grid, grid[1:])]
-            if len(grid) < 2 or not all(math.isfinite(v) for v in grid) or not (
-                all(d > 0 for d in steps) or all(d < 0 for d in steps)
-            ):
-                raise ValueError(f"Validity needs a grid of at least two finite, strictly monotonic times, got {grid}")
-            object.__setattr__(self, "grid", grid)
 
     @property
     def has_state_range(self) -> bool:
@@ -162,53 +151,15 @@ class Validity:
         return record.with_state_range(trajectories.states)
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain types only (what ``torch.load(..., weights_only=True)`` reads back)."""
-        record = {
-            "dt_min": float(self.dt_min),
-            "dt_max": float(self.dt_max),
-            "state_shape": list(self.state_shape),
-            "description": str(self.description),
-        }
-        if self.t0 is not None:
-            record.update(t0=float(self.t0), t1=float(self.t1))
-        if self.state_min is not None:
-            record.update(state_min=list(self.state_min), state_max=list(self.state_max))
-        if self.grid is not None:
-            record.update(grid=list(self.grid))
-        return record
+        """Deprecated: the file schema lives in :mod:`.io` (``save`` writes this record)."""
+        warnings.warn("Validity.to_dict is deprecated; save() writes the record", DeprecationWarning, stacklevel=2)
+        return validity_record(self)
 
     @classmethod
     def from_dict(cls, record: Dict[str, Any]) -> Validity:
-        """The record :meth:`to_dict` wrote (records without ``t0``/``t1`` load with the interval
-        unknown). A missing or ill-typed field is a ``ValueError`` naming it."""
-        if not isinstance(record, dict):
-            raise ValueError(f"the validity record must be a dict, got {type(record).__name__}")
-        missing = [k for k in ("dt_min", "dt_max", "state_shape") if k not in record]
-        if missing:
-            raise ValueError(f"the validity record lacks the fields {missing} (it holds {sorted(record)})")
-        numbers_ = {k: _real(record, k) for k in ("dt_min", "dt_max")}
-        shape = record["state_shape"]
-        if not isinstance(shape, (list, tuple)) or not all(_is_int(n) and n >= 0 for n in shape):
-            raise ValueError(f"the validity record's state_shape must be a list of sizes, got {shape!r}")
-        description = record.get("description", "")
-        if not isinstance(description, str):
-            raise ValueError(f"the validity record's description must be a str, got {type(description).__name__}")
-        t0 = _real(record, "t0") if record.get("t0") is not None else None
-        t1 = _real(record, "t1") if record.get("t1") is not None else None
-        ranges = {}
-        for key in ("state_min", "state_max", "grid"):
-            values = record.get(key)
-            if values is None:
-                continue
-            if not isinstance(values, (list, tuple)) or not all(
-                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values
-            ):
-                raise ValueError(f"the validity record's {key} must be a list of finite numbers")
-            ranges[key] = tuple(float(v) for v in values)
-        try:
-            return cls(numbers_["dt_min"], numbers_["dt_max"], tuple(shape), description, t0, t1, **ranges)
-        except ValueError as err:
-            raise ValueError(f"the validity record is inconsistent: {err}") from err
+        """Deprecated: the file schema lives in :mod:`.io` (``load`` reads this record)."""
+        warnings.warn("Validity.from_dict is deprecated; load() reads the record", DeprecationWarning, stacklevel=2)
+        return cls(**validity_fields(record))
 
     def range_text(self) -> str:
         interval = ""
@@ -231,59 +182,6 @@ class Validity:
             f"harvested states in [{min(self.state_min):.4g}, {max(self.state_max):.4g}] over {n} features "
             "(per-feature ranges recorded)"
         )
-
-    def check(self, x: Tensor, t_span, name: str = "hypersolver") -> None:
-        """Warn (``UserWarning``) when a solve of ``x`` over ``t_span`` leaves the fitted range.
-
-        One host synchronisation when ``t_span`` lives on an accelerator; call it once per solve.
-        """
-        t_span = torch.as_tensor(t_span)
-        if t_span.dim() != 1 or t_span.numel() < 2:
-            return  # the solver itself refuses such a mesh
-        dts = (t_span[1:] - t_span[:-1]).abs()
-        lo, hi, start, end = torch.stack([dts.min(), dts.max(), t_span[0], t_span[-1]]).tolist()
-        problems = []
-        if lo < self.dt_min * (1 - TOLERANCE) or hi > self.dt_max * (1 + TOLERANCE):
-            problems.append(f"with step sizes |dt| in [{lo:.4g}, {hi:.4g}]")
-        if self.t0 is not None:
-            direction = "forward" if end > start else "backward"
-            if direction != self.direction:
-                problems.append("backward in time (t decreasing)" if direction == "backward" else "forward in time")
-            fitted_lo, fitted_hi = min(self.t0, self.t1), max(self.t0, self.t1)
-            slack = TOLERANCE * (fitted_hi - fitted_lo)
-            if min(start, end) < fitted_lo - slack or max(start, end) > fitted_hi + slack:
-                text = f"over the interval from t={start + 0.0:.4g} to t={end + 0.0:.4g}"
-                if fitted_lo - slack <= -max(start, end) and -min(start, end) <= fitted_hi + slack:
-                    text += " (a backward solve as torchdyn runs it: -f(-t, z) on the negated t_span)"
-                problems.append(text)
-        shape = tuple(x.shape[1:])
-        if shape != self.state_shape:
-            problems.append(f"with states of shape {shape}")
-        if problems:
-            warnings.warn(
-                f"{name} is solving {' and '.join(problems)}, outside where its g was fitted: "
-                f"{self.range_text()}. Its correction is an extrapolation there; describe() says more.",
-                UserWarning,
-                stacklevel=3,
-            )
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _real(record: Dict[str, Any], key: str) -> float:
-    value = record[key]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"the validity record's {key} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def check_solve(solver, x: Tensor, t_span) -> None:
-    """``solver.validity.check(...)`` when the solver carries a record; nothing otherwise."""
-    validity: Optional[Validity] = getattr(solver, "validity", None)
-    if validity is not None:
-        validity.check(x, t_span, type(solver).__name__)
 
 
 def _hypernet_text(g) -> str:
@@ -310,10 +208,10 @@ def describe(hs) -> str:
         lines.append(f"Valid for {validity.range_text()}; solves outside it warn.")
         if validity.has_state_range:
             lines.append(f"Fitted in state space on {validity.state_range_text()}; Guarded(...) can check against it.")
-        if validity.grid is not None:
-            points = ", ".join(f"{v:.4g}" for v in validity.grid)
-            lines.append(
-                f"Tuned for a time grid of {len(validity.grid) - 1} steps: t = [{points}] "
-                "(hs.time_grid; pass it as the t_span)."
-            )
+    grid = hs.__dict__.get("_time_grid")
+    if grid is not None:
+        points = ", ".join(f"{v:.4g}" for v in grid)
+        lines.append(
+            f"Tuned for a time grid of {len(grid) - 1} steps: t = [{points}] (hs.time_grid; pass it as the t_span)."
+        )
     return "\n".join(lines)

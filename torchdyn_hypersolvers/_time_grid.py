@@ -13,8 +13,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .loop import fixed_solve
-from .mesh import check_t_span
+from ._checks import check_int
+from ._loop import fixed_solve
+from ._mesh import check_t_span
 
 __all__ = ["grid_from_logits", "fit_time_grid"]
 
@@ -56,10 +57,8 @@ def fit_time_grid(
         z0, z1: initial states ``[N, ...]`` and the reference states at ``t_span[-1]``.
         t_span: its first and last points are the grid's ends (a decreasing one is a backward grid).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
+    check_int(steps, "steps")
+    check_int(iterations, "iterations", minimum=0)
     if z0.shape != z1.shape:
         raise ValueError(f"z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
     span = check_t_span(t_span)

@@ -14,12 +14,12 @@ from typing import Callable, Union
 import torch
 from torch import Tensor, nn
 
-from .mesh import check_t_span, forward_time
-from .states import check_state
+from ._mesh import check_t_span, forward_time
+from ._states import check_state
+from .tableaus import VectorField
 
 __all__ = ["fixed_solve"]
 
-VectorField = Callable[[Tensor, Tensor], Tensor]
 
 
 def fixed_solve(

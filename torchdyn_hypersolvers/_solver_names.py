@@ -1,7 +1,8 @@
-"""The one place where solvers given by name (or in any other accepted form) are resolved.
+"""Solver names: the one rule by which base and adaptive solvers given by name are resolved.
 
-The naming rule, used by :func:`harvest`, :func:`fit`, :func:`pareto`, :func:`load` and
-:func:`register` alike:
+The naming rule, used by :func:`~.harvest.harvest`, :func:`~.fit.fit`, :func:`~.evaluate.pareto`,
+:func:`~.io.load` and :func:`~.registry.register` alike (:func:`~.registry.resolve_solver` applies it
+to any solver):
 
 - a bare name is one of this package's explicit fixed-step solvers (``'euler'``,
   ``'midpoint'``, ``'heun'``, ``'ralston'``, ``'rk4'``) or a name given to :func:`register`;
@@ -18,8 +19,6 @@ torchdyn's ``RungeKutta4()`` as a module to use it anyway.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
-
 from torch import nn
 
 from .tableaus import EULER, MIDPOINT, RK4, TABLEAUS, ButcherTableau
@@ -27,10 +26,8 @@ from .tableaus import EULER, MIDPOINT, RK4, TABLEAUS, ButcherTableau
 __all__ = [
     "ADAPTIVE_SOLVERS",
     "FIXED_STEP_SOLVERS",
-    "Resolved",
     "resolve_adaptive",
     "resolve_base",
-    "resolve_solver",
 ]
 
 _TORCHDYN = ("dopri5", "tsit5")
@@ -50,14 +47,6 @@ _TORCHDYN_IMPLICIT = {"ieuler", "implicit_euler", "ImplicitEuler", "alf", "Async
 _NEED_EXPLICIT = f"a hypersolver needs an explicit fixed-step base ({', '.join(repr(n) for n in FIXED_STEP_SOLVERS)})"
 
 
-class Resolved(NamedTuple):
-    """A resolved solver: ``kind`` is ``'hyper'``, ``'fixed'`` or ``'adaptive'``; ``solver`` is the
-    module for the first two and the full ``'<library>:<method>'`` name for the third."""
-
-    kind: str
-    solver: Union[nn.Module, str]
-
-
 def resolve_adaptive(name: str, role: str = "adaptive") -> str:
     """The full ``'<library>:<method>'`` name of an adaptive solver given by name; ``role``
     (e.g. ``'reference'``) names what it is for in error messages."""
@@ -73,7 +62,7 @@ def resolve_adaptive(name: str, role: str = "adaptive") -> str:
     return full
 
 
-def _is_adaptive_name(name: str) -> bool:
+def is_adaptive_name(name: str) -> bool:
     try:
         resolve_adaptive(name)
     except ValueError:
@@ -90,7 +79,7 @@ def resolve_base(base) -> ButcherTableau:
     if isinstance(base, nn.Module) and isinstance(getattr(base, "tableau", None), ButcherTableau):
         return base.tableau
     if isinstance(base, str):
-        if base in _TORCHDYN_ADAPTIVE or _is_adaptive_name(base):
+        if base in _TORCHDYN_ADAPTIVE or is_adaptive_name(base):
             raise ValueError(f"base solver {base!r} is adaptive; {_NEED_EXPLICIT}")
         if base in _TORCHDYN_IMPLICIT:
             raise ValueError(f"base solver {base!r} is implicit or symplectic; {_NEED_EXPLICIT}")
@@ -109,31 +98,3 @@ def resolve_base(base) -> ButcherTableau:
             "a ButcherTableau, or torchdyn's Euler / Midpoint / RungeKutta4"
         )
     raise TypeError(f"cannot use {base!r} as a base solver")
-
-
-def resolve_solver(solver: Union[str, nn.Module]) -> Resolved:
-    """Resolve a solver given as a module or by name (the module docstring's rule)."""
-    from .registry import registered_solver
-    from .solvers import FixedStepSolver, HyperSolver
-
-    if isinstance(solver, HyperSolver):
-        return Resolved("hyper", solver)
-    if isinstance(solver, nn.Module):
-        if getattr(solver, "stepping_class", None) != "fixed" or not hasattr(solver, "step"):
-            raise ValueError(
-                f"solver {type(solver).__name__} is not a fixed-step solver; name adaptive ones by string "
-                f"({', '.join(ADAPTIVE_SOLVERS)})"
-            )
-        return Resolved("fixed", solver)
-    if isinstance(solver, str):
-        if solver.lower() in TABLEAUS:
-            return Resolved("fixed", FixedStepSolver(solver))
-        mine = registered_solver(solver)
-        if mine is not None:
-            return Resolved("hyper" if isinstance(mine, HyperSolver) else "fixed", mine)
-        if _is_adaptive_name(solver):
-            return Resolved("adaptive", resolve_adaptive(solver))
-    raise ValueError(
-        f"unknown solver {solver!r}: pass a (hyper)solver module, a fixed-step name "
-        f"({', '.join(FIXED_STEP_SOLVERS)} or a registered name) or an adaptive one ({', '.join(ADAPTIVE_SOLVERS)})"
-    )

@@ -3,6 +3,7 @@ and mapping a per-step function over every step of a trajectory at once."""
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from fractions import Fraction
@@ -11,7 +12,7 @@ from typing import Callable, Dict, Iterable, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["check_t_span", "forward_time", "step_times", "map_steps", "mesh_union"]
+__all__ = ["check_t_span", "check_time_grid", "forward_time", "step_times", "map_steps", "mesh_union"]
 
 
 def check_t_span(t_span) -> Tensor:
@@ -27,6 +28,18 @@ def check_t_span(t_span) -> Tensor:
     if not (bool((steps > 0).all()) or bool((steps < 0).all())):
         raise ValueError(f"t_span must be strictly increasing or strictly decreasing, got {t_span.tolist()}")
     return t_span
+
+
+def check_time_grid(grid) -> Tuple[float, ...]:
+    """A time grid as a tuple of floats: at least two finite, strictly monotonic times (a ``ValueError``
+    naming the grid otherwise)."""
+    values = tuple(float(v) for v in torch.as_tensor(grid, dtype=torch.float64).reshape(-1).tolist())
+    steps = [b - a for a, b in zip(values, values[1:])]
+    if len(values) < 2 or not all(math.isfinite(v) for v in values) or not (
+        all(d > 0 for d in steps) or all(d < 0 for d in steps)
+    ):
+        raise ValueError(f"a time grid needs at least two finite, strictly monotonic times, got {list(values)}")
+    return values
 
 
 def forward_time(f: Callable, t_span: Tensor) -> Tuple[Callable, Tensor]:

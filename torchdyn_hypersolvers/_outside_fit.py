@@ -1,0 +1,85 @@
+"""The warning a solve gives outside where its g was fitted, and the one way to silence it.
+
+Every solve checks the hypersolver's :class:`~.validity.Validity` record once (in
+``sync_device_dtype`` for torchdyn, in the fast loop for the package's own solves, never per
+step) and warns with :class:`OutsideFitWarning` when the step sizes, interval, direction or
+state shape lie outside it. Code that solves outside on purpose (a grid search, a comparison
+across step counts) wraps it in :func:`outside_fit_ignored`; users may also filter the class
+with ``warnings.filterwarnings('ignore', category=OutsideFitWarning)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import warnings
+from typing import Iterator, List
+
+import torch
+from torch import Tensor
+
+__all__ = ["TOLERANCE", "OutsideFitWarning", "outside_fit_ignored", "check_solve", "outside_fit_problems"]
+
+TOLERANCE = 0.05
+"""Relative slack beyond the fitted step-size range (and interval) before a solve warns."""
+
+_IGNORED = contextvars.ContextVar("torchdyn_hypersolvers_outside_fit_ignored", default=False)
+
+
+class OutsideFitWarning(UserWarning):
+    """A hypersolver is solving outside where its g was fitted: its correction is an extrapolation."""
+
+
+@contextlib.contextmanager
+def outside_fit_ignored() -> Iterator[None]:
+    """Within the block, solves do not check their validity record (no :class:`OutsideFitWarning`,
+    and none of the check's work). Per thread and per async task."""
+    token = _IGNORED.set(True)
+    try:
+        yield
+    finally:
+        _IGNORED.reset(token)
+
+
+def outside_fit_problems(validity, x: Tensor, t_span) -> List[str]:
+    """How a solve of ``x`` over ``t_span`` leaves ``validity``'s fitted range, in phrases ([] when
+    it does not). One host synchronisation when ``t_span`` lives on an accelerator."""
+    t_span = torch.as_tensor(t_span)
+    if t_span.dim() != 1 or t_span.numel() < 2:
+        return []  # the solver itself refuses such a mesh
+    dts = (t_span[1:] - t_span[:-1]).abs()
+    lo, hi, start, end = torch.stack([dts.min(), dts.max(), t_span[0], t_span[-1]]).tolist()
+    problems = []
+    if lo < validity.dt_min * (1 - TOLERANCE) or hi > validity.dt_max * (1 + TOLERANCE):
+        problems.append(f"with step sizes |dt| in [{lo:.4g}, {hi:.4g}]")
+    if validity.t0 is not None:
+        direction = "forward" if end > start else "backward"
+        if direction != validity.direction:
+            problems.append("backward in time (t decreasing)" if direction == "backward" else "forward in time")
+        fitted_lo, fitted_hi = min(validity.t0, validity.t1), max(validity.t0, validity.t1)
+        slack = TOLERANCE * (fitted_hi - fitted_lo)
+        if min(start, end) < fitted_lo - slack or max(start, end) > fitted_hi + slack:
+            text = f"over the interval from t={start + 0.0:.4g} to t={end + 0.0:.4g}"
+            if fitted_lo - slack <= -max(start, end) and -min(start, end) <= fitted_hi + slack:
+                text += " (a backward solve as torchdyn runs it: -f(-t, z) on the negated t_span)"
+            problems.append(text)
+    shape = tuple(x.shape[1:])
+    if shape != validity.state_shape:
+        problems.append(f"with states of shape {shape}")
+    return problems
+
+
+def check_solve(solver, x: Tensor, t_span) -> None:
+    """Warn (:class:`OutsideFitWarning`) when ``solver`` carries a validity record and a solve of
+    ``x`` over ``t_span`` leaves it; nothing without a record or inside :func:`outside_fit_ignored`."""
+    validity = getattr(solver, "validity", None)
+    if validity is None or _IGNORED.get():
+        return
+    problems = outside_fit_problems(validity, x, t_span)
+    if problems:
+        warnings.warn(
+            f"{type(solver).__name__} is solving {' and '.join(problems)}, outside where its g was fitted: "
+            f"{validity.range_text()}. Its correction is an extrapolation there; describe() says more.",
+            OutsideFitWarning,
+            stacklevel=4,
+        )
