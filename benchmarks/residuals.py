@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 
 from torchdyn_hypersolvers import HyperEuler, MLPHyperNet, harvest
+from torchdyn_hypersolvers.fit import predicted_residuals, residual_targets
 
 from .common import compare
 from .workloads import moons
 
 
 def seed_loop_residuals(hs, f, traj, t_span):
-    """The seed's base_residuals + hypersolver_residuals: one f (and g) call per step."""
+    """The seed's base and predicted residuals: one f (and g) call per step."""
     p, ds = hs.order, t_span[1] - t_span[0]
     base = torch.cat([hs.base_solver.step(f, traj[i], s, ds)[1][None] for i, s in enumerate(t_span[:-1])])
     targets = (traj[1:] - base) / ds ** (p + 1)
@@ -22,8 +23,8 @@ def seed_loop_residuals(hs, f, traj, t_span):
 
 
 def vectorised_residuals(hs, f, traj, t_span):
-    targets, dz = hs.residual_targets(f, traj, t_span)
-    return targets, hs.hypersolver_residuals(f, traj, t_span, dz=dz)
+    targets, dz = residual_targets(hs, f, traj, t_span)
+    return targets, predicted_residuals(hs, f, traj, t_span, dz=dz)
 
 
 def flat_lower_bound(hs, f, traj, t_span):

@@ -22,8 +22,9 @@ import torchdiffeq
 from torchdyn.numerics import odeint as torchdyn_odeint
 
 from torchdyn_hypersolvers import ConvHyperNet, HyperEuler, HyperMidpoint, tune
-from torchdyn_hypersolvers._reference import reference_solve
 from torchdyn_hypersolvers._user_model import resolve_model
+from torchdyn_hypersolvers.harvest import reference_solve
+from torchdyn_hypersolvers.validity import OutsideFitWarning
 
 from . import workloads
 from .common import compare
@@ -82,7 +83,7 @@ def _workloads(quick: bool):
 def _one(name, model, x, t_span, labels, options, quick: bool) -> Dict[str, object]:
     start = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*outside where its g was fitted.*")
+        warnings.filterwarnings("ignore", category=OutsideFitWarning)
         options = {"nfe": LADDER[:4] if quick else LADDER, **options}
         result = tune(model, x, t_span, progress=False, **options)
     tune_s = time.perf_counter() - start

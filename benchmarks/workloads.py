@@ -14,8 +14,9 @@ import torch
 from examples import cnf_density, image_classification, quickstart
 from examples import lorenz as lorenz_example
 from torchdyn_hypersolvers import HyperEuler, MLPHyperNet, fit, harvest
+from torchdyn_hypersolvers.validity import OutsideFitWarning
 
-warnings.filterwarnings("ignore", message=".*outside where its g was fitted.*")
+warnings.filterwarnings("ignore", category=OutsideFitWarning)
 
 MOONS_STEPS = [4, 8, 12, 16, 20, 24]
 DIGITS_STEPS = [1, 2, 3, 4, 6, 8, 12, 16, 20, 24]

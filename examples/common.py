@@ -12,7 +12,9 @@ from typing import Callable, Iterable, List, Optional
 import numpy as np
 import torch
 
-try:  # the examples extra brings tqdm; run without a bar otherwise
+from torchdyn_hypersolvers._progress import progress_bar
+
+try:  # kept for examples that still build their own bar; new code: progress_bar (off when not a terminal)
     from tqdm.auto import tqdm
 except ImportError:  # pragma: no cover
     tqdm = None
@@ -57,18 +59,24 @@ def train(
     params = list(params)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=lr_min) if lr_min else None
-    bar = tqdm(range(iterations), desc=desc, leave=False) if (progress and tqdm) else range(iterations)
+    bar = progress_bar(iterations, progress, desc)  # None without tqdm or a terminal: no bar lines in logs
     losses = []
-    for i in bar:
-        loss = loss_fn(i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-        if hasattr(bar, "set_postfix") and i % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3g}", refresh=False)
+    try:
+        for i in range(iterations):
+            loss = loss_fn(i)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            losses.append(loss.item())
+            if bar is not None:
+                bar.update(1)
+                if i % 10 == 0:
+                    bar.set_postfix(loss=f"{losses[-1]:.3g}", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
     return losses
 
 

@@ -65,9 +65,10 @@ from torchdyn_hypersolvers import (  # noqa: E402
     harvest,
     pareto,
 )
-from torchdyn_hypersolvers._reference import reference_solve  # noqa: E402
 from torchdyn_hypersolvers.fit import residual_data  # noqa: E402
+from torchdyn_hypersolvers.harvest import reference_solve  # noqa: E402
 from torchdyn_hypersolvers.metrics import global_truncation_error  # noqa: E402
+from torchdyn_hypersolvers.validity import OutsideFitWarning  # noqa: E402
 
 SIGMA, RHO, BETA = 10.0, 28.0, 8.0 / 3.0
 T_END = 5.0
@@ -233,7 +234,7 @@ def run(args, cfg, device, progress):
     baselines = {"euler": Euler(), "midpoint": Midpoint(), "rk4": RK4()}
     with warnings.catch_warnings():
         # each hypersolver also runs at the sweep's other step counts: an extrapolation in dt, on purpose
-        warnings.filterwarnings("ignore", message=".*outside where its g was fitted")
+        warnings.filterwarnings("ignore", category=OutsideFitWarning)
         result = pareto(
             f,
             x_test,

@@ -58,8 +58,9 @@ from torchdyn_hypersolvers import (  # noqa: E402
     harvest,
     pareto,
 )
-from torchdyn_hypersolvers._reference import reference_solve  # noqa: E402
+from torchdyn_hypersolvers.harvest import reference_solve  # noqa: E402
 from torchdyn_hypersolvers.metrics import global_truncation_error  # noqa: E402
+from torchdyn_hypersolvers.validity import OutsideFitWarning  # noqa: E402
 
 BAND = (10, 25)  # the NFE range of the supplement's Fig. 8
 FULL = dict(
@@ -292,7 +293,7 @@ def run(args, cfg, device, progress):
     vmap["package_fit"] = "loop fallback (RuntimeWarning)" if fallback else "vectorised (or warned earlier)"
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*outside where its g was fitted")  # 3-8 steps: extrapolation
+        warnings.filterwarnings("ignore", category=OutsideFitWarning)  # 3-8 steps: extrapolation
         result = pareto(
             node,
             x_test,

@@ -31,7 +31,7 @@ def test_mesh_balance_weighs_each_mesh_by_its_mean_square_residual():
     data = residual_data(hs, trajectories)
     weight = mesh_balance(data)
     for n in STEPS:
-        mask = data.steps == n
+        mask = data.mesh_steps == n
         expected = 1.0 / data.target[mask].square().mean()
         torch.testing.assert_close(weight[mask], expected.expand(int(mask.sum())).to(weight))
 
@@ -64,3 +64,16 @@ def test_residual_scale_is_saved_and_loaded(tmp_path):
         torch.testing.assert_close(
             loaded.solve(vf, x, torch.linspace(0, 1, 3)), hs.solve(vf, x, torch.linspace(0, 1, 3)), rtol=0, atol=0
         )
+
+
+def test_a_g_that_scales_its_own_output_is_not_scaled_twice():
+    node = _smooth_field()
+    trajectories = harvest(node, torch.randn(16, 2), torch.linspace(0, 1, 2), steps=STEPS, base="rk4")
+    scaled, plain = MLPHyperNet(2, hidden=(8,), scaled=True), MLPHyperNet(2, hidden=(8,))
+    assert scaled.scales_output and not plain.scales_output
+    for g in (scaled, plain):
+        hs = HyperRK4(g)
+        if g is scaled:
+            g.standardize_(residual_data(hs, trajectories))
+        fit(hs, trajectories, iterations=3, progress=False, seed=0)  # balanced: the default for RK4
+        assert (hs.residual_scale == 1.0) == (g is scaled), hs.residual_scale

@@ -24,6 +24,7 @@ from torchdyn_hypersolvers import (
     save,
 )
 from torchdyn_hypersolvers._records import validity_fields, validity_record
+from torchdyn_hypersolvers._wrapped import WrappedSolver, unwrap
 from torchdyn_hypersolvers.guard import GuardSummary
 from torchdyn_hypersolvers.validity import Validity
 
@@ -208,8 +209,12 @@ def test_summary_and_settings_are_checked():
         Guarded(HyperEuler(Zero())).summary()
     with pytest.raises(TypeError, match="wraps a HyperSolver"):
         Guarded(Euler())
+    class OwnStep(HyperEuler):  # steps differently without saying how (step_parts): not guardable
+        def step(self, f, x, t, dt, k1=None, args=None):
+            return super().step(f, x, t, dt, k1, args)
+
     with pytest.raises(TypeError, match="overrides step"):
-        Guarded(MultiStageHyperSolver("euler", MultiStageHyperNet(MLPHyperNet(2), MLPHyperNet(2))))
+        Guarded(OwnStep(Zero()))
     with pytest.raises(TypeError, match="already guarded"):
         Guarded(Guarded(HyperEuler(Zero())))
     for bad in (dict(ratio=-1.0), dict(rtol=float("nan")), dict(atol=True), dict(warn_fraction=2.0), dict(margin=-1)):
@@ -291,3 +296,42 @@ def test_fallback_evaluates_f_on_the_fallen_samples_or_on_the_batch():
         else:
             assert set(sizes) == {16}
     torch.testing.assert_close(seen[True], seen[False], rtol=0, atol=1e-12)
+
+
+def _multistage(base, scale):
+    torch.manual_seed(0)
+    net = MultiStageHyperNet(MLPHyperNet(2, hidden=(16,)), MLPHyperNet(2, hidden=(16,))).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return MultiStageHyperSolver(base, net)
+
+
+@pytest.mark.parametrize("base, plain", [("euler", Euler), ("heun", Heun)])
+def test_a_multistage_hypersolver_is_guarded(base, plain):
+    f, z0 = Counted(), _z0()
+    zero = Guarded(_multistage(base, 0.0), atol=0.0, rtol=0.0)  # zero g and inner net: its base solver
+    with torch.no_grad():
+        assert torch.equal(zero.solve(f, z0, T_SPAN), plain().solve(f, z0, T_SPAN))
+    assert zero.summary().fallbacks == 0
+    hs = _multistage(base, 0.05)
+    trusting = Guarded(hs, ratio=1e6, atol=1e6)  # nothing falls back: the unguarded solve, exactly
+    with torch.no_grad():
+        assert torch.equal(trusting.solve(f, z0, T_SPAN), hs.solve(f, z0, T_SPAN))
+        assert (hs.solve(f, z0, T_SPAN) - plain().solve(f, z0, T_SPAN)).abs().max() > 1e-6  # the nets act
+        _, by_odeint = odeint(f, z0, T_SPAN, solver=trusting)
+    assert trusting.summary().fallbacks == 0 and torch.equal(by_odeint, hs.solve(f, z0, T_SPAN))
+    broken = MultiStageHyperSolver(base, MultiStageHyperNet(Garbage(), MLPHyperNet(2).double()))
+    guarded = Guarded(broken, warn_fraction=None)  # a nonsense outer g: dropped everywhere
+    with torch.no_grad():
+        assert torch.equal(guarded.solve(f, z0, T_SPAN), plain().solve(f, z0, T_SPAN))
+    assert guarded.summary().fraction == 1.0
+
+
+def test_save_unwraps_a_wrapped_solver(tmp_path):
+    hs = HyperEuler(MLPHyperNet(2))
+    guarded = Guarded(hs)
+    assert unwrap(guarded) is hs and unwrap(hs) is hs and isinstance(guarded, WrappedSolver)
+    assert guarded.time_grid is None and guarded.base_solver is hs.base_solver and guarded.dtype is hs.dtype
+    save(guarded, tmp_path / "g.pt")
+    assert type(load(tmp_path / "g.pt")) is HyperEuler

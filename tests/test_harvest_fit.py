@@ -17,10 +17,12 @@ from torchdyn_hypersolvers import (
     HyperEuler,
     HyperHeun,
     MLPHyperNet,
+    Recipe,
     Trajectories,
     fit,
     harvest,
 )
+from torchdyn_hypersolvers.fit import residual_data
 
 harvest_module = importlib.import_module("torchdyn_hypersolvers.harvest")
 
@@ -252,3 +254,72 @@ def test_bad_inputs(moons):
             trajectories.select(slice(None)).__class__(trajectories.t, trajectories.states, trajectories.meshes),
             progress=False,
         )
+
+
+def _small_problem():
+    A = torch.tensor([[-0.5, 2.0], [-2.0, -0.5]])
+    return harvest(lambda t, z: z @ A.T, torch.randn(24, 2), SPAN, steps=[2, 4])
+
+
+def _fitted(trajectories, *args, **kwargs):
+    torch.manual_seed(5)
+    hs = HyperEuler(MLPHyperNet(2, hidden=(8,)))
+    report = fit(hs, trajectories, *args, progress=False, seed=0, **kwargs)
+    return report.loss_history, [p.detach().clone() for p in hs.parameters()]
+
+
+def test_a_recipe_and_its_fields_as_keywords_fit_bit_for_bit_the_same():
+    trajectories = _small_problem()
+    expected = _fitted(trajectories, iterations=5, batch_size=8, lr=5e-3, warmup=2, swap_every=2)
+    recipe = Recipe(iterations=5, batch_size=8, lr=5e-3, warmup=2, swap_every=2)
+    for got in (
+        _fitted(trajectories, recipe=recipe),
+        _fitted(
+            trajectories, recipe=Recipe(iterations=50, batch_size=8, warmup=2, swap_every=2), iterations=5, lr=5e-3
+        ),
+    ):
+        assert got[0] == expected[0] and all(torch.equal(a, b) for a, b in zip(got[1], expected[1]))
+    with pytest.warns(DeprecationWarning, match="positional iterations"):  # fit(hs, trajectories, method, iterations)
+        legacy = _fitted(trajectories, "residual", 5, batch_size=8, lr=5e-3, warmup=2, swap_every=2)
+    assert legacy[0] == expected[0]
+
+
+def test_unknown_keywords_and_bad_recipes_are_refused_by_name():
+    trajectories = _small_problem()
+    hs = HyperEuler(MLPHyperNet(2))
+    with pytest.raises(TypeError, match="fit\\(\\) got an unexpected keyword argument 'iteration'"):
+        fit(hs, trajectories, iteration=5, progress=False)
+    with pytest.raises(TypeError, match="recipe=Recipe"):
+        fit(hs, trajectories, recipe={"iterations": 5}, progress=False)
+    for field, value, message in [
+        ("iterations", 0, "iterations must be a positive int, got 0"),
+        ("batch_size", True, "batch_size must be a positive int, got True"),
+        ("warmup", -1, "warmup must be a non-negative int, got -1"),
+        ("swap_every", 2.5, "swap_every must be a positive int, got 2.5"),
+        ("refine", -1, "refine must be a non-negative int, got -1"),
+        ("lr", -0.1, "lr must be a non-negative number, got -0.1"),
+        ("lr_min", float("nan"), "lr_min must be a non-negative finite number, got nan"),
+        ("weight_decay", "0", "weight_decay must be a non-negative finite number, got '0'"),
+        ("clip", 0.0, "clip must be a positive number, got 0.0"),
+        ("balance_meshes", 1, "balance_meshes must be None or a bool, got 1"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Recipe(**{field: value})
+        with pytest.raises(ValueError, match=re.escape(message)):
+            fit(hs, trajectories, progress=False, **{field: value})
+    with pytest.raises(ValueError, match="noise_sample must be a non-negative int, got True"):
+        fit(hs, trajectories, noise_sample=True, progress=False)
+    assert Recipe().replace(lr=1e-3) == Recipe(lr=1e-3)
+
+
+def test_the_fit_describes_itself_in_the_validity_record():
+    trajectories = _small_problem()
+    hs = HyperEuler(MLPHyperNet(2))
+    report = fit(hs, trajectories, iterations=3, progress=False, seed=0)
+    text = report.describe()
+    assert text.startswith("residual fit (3 iterations) [mean |g - R|: 2 steps ")
+    assert hs.validity.description.startswith(text + " on 24 trajectories")
+    data = residual_data(hs, trajectories)
+    assert data.mesh_steps.tolist() == [2, 2, 4, 4, 4, 4]
+    with pytest.warns(DeprecationWarning, match="mesh_steps"):
+        assert torch.equal(data.steps, data.mesh_steps)

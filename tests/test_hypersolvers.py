@@ -1,4 +1,6 @@
+import copy
 import math
+import pickle
 import subprocess
 import sys
 
@@ -22,9 +24,20 @@ from torchdyn_hypersolvers import (
     HyperRK4,
     HyperSolver,
     MLPHyperNet,
+    MultiStageHyperSolver,
     register,
+    solvers,
+    validity,
+)
+from torchdyn_hypersolvers.fit import (
+    base_residuals,
+    correction_inputs,
+    map_stage_corrections,
+    predicted_residuals,
+    residual_targets,
 )
 from torchdyn_hypersolvers.registry import registered, unregister
+from torchdyn_hypersolvers.solvers import SolveState, StepParts
 from torchdyn_hypersolvers.tableaus import EULER, HEUN, MIDPOINT, rk_increment
 from torchdyn_hypersolvers.tableaus import RK4 as RK4_TABLEAU
 
@@ -212,8 +225,8 @@ def test_vectorised_residuals_match_the_per_step_definition():
     hs = HyperMidpoint(_perturb(MLPHyperNet(2)))
     x, t_span = torch.randn(7, 2), torch.linspace(0, 2, 11)
     ref_traj = FixedStepSolver(RK4_TABLEAU).solve(vf, x, torch.linspace(0, 2, 101))[::10]
-    res = hs.base_residuals(vf, ref_traj, t_span)
-    pred = hs.hypersolver_residuals(vf, ref_traj, t_span)
+    res = base_residuals(hs, vf, ref_traj, t_span)
+    pred = predicted_residuals(hs, vf, ref_traj, t_span)
     for k in range(10):
         dt = t_span[k + 1] - t_span[k]
         psi, k1 = rk_increment(MIDPOINT, vf, t_span[k], ref_traj[k], dt)
@@ -232,9 +245,9 @@ def test_residuals_of_its_own_solution_are_g(backward):
         t_span = t_span.flip(0)
     vf = lambda t, z: f(z)  # noqa: E731
     traj = hs.solve(vf, x, t_span)
-    torch.testing.assert_close(hs.base_residuals(vf, traj, t_span), hs.hypersolver_residuals(vf, traj, t_span))
+    torch.testing.assert_close(base_residuals(hs, vf, traj, t_span), predicted_residuals(hs, vf, traj, t_span))
     base_traj = hs.solve(vf, x, t_span, correct=False)
-    assert hs.base_residuals(vf, base_traj, t_span).abs().max() < 1e-8
+    assert base_residuals(hs, vf, base_traj, t_span).abs().max() < 1e-8
 
 
 def test_register_by_name_explicitly():
@@ -293,8 +306,73 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"at least two points, got shape \(1,\)"):
         hs.solve(lambda t, z: f(z), x, torch.tensor([0.0]))
     with pytest.raises(ValueError, match="at least two points"):
-        hs.base_residuals(lambda t, z: f(z), x[None], torch.tensor([0.0]))
+        base_residuals(hs, lambda t, z: f(z), x[None], torch.tensor([0.0]))
     with pytest.raises(ValueError, match="strictly increasing or strictly decreasing"):
         hs.solve(lambda t, z: f(z), x, torch.tensor([0.0, 1.0, 0.5]))
     with pytest.raises(ValueError, match=r"MLPHyperNet\(state_dim=2\) expects states \(B, 2\), got \(4, 3\)"):
         hs.solve(lambda t, z: z, torch.randn(4, 3), torch.linspace(0, 1, 3))
+
+
+def _package_subclasses(cls):
+    for sub in cls.__subclasses__():
+        if sub.__module__.startswith("torchdyn_hypersolvers."):
+            yield sub
+        yield from _package_subclasses(sub)
+
+
+def test_step_parts_is_the_one_extension_point():
+    """No package hypersolver overrides step: each steps by HyperSolver.step over its step_parts."""
+    classes = set(_package_subclasses(HyperSolver))
+    assert {HyperEuler, HyperRK4, HyperAlpha, MultiStageHyperSolver} <= classes
+    for cls in classes:
+        assert cls.step is HyperSolver.step, cls
+    f, hs = small_mlp(), HyperHeun(_perturb(MLPHyperNet(2)))
+    x, t, dt = torch.randn(4, 2), torch.tensor(0.1), torch.tensor(0.2)
+    parts = hs.step_parts(lambda t, z: f(z), x, t, dt)
+    assert isinstance(parts, StepParts) and len(parts.stages) == 2
+    assert torch.equal(hs.step(lambda t, z: f(z), x, t, dt)[1], x + dt * parts.increment + parts.correction)
+
+
+def test_solve_state_is_one_object_that_copies_and_pickles_fresh():
+    hs = HyperHeun(MLPHyperNet(2, stages=2))
+    hs.time_grid = [0.0, 0.4, 1.0]  # configuration: copied with the solver
+    x0 = torch.randn(3, 2, requires_grad=True)
+    copies = []
+
+    def f(t, z):
+        if not copies:  # mid-solve: hs holds this solve's z0, a non-leaf tensor (not deep-copyable)
+            copies.append(copy.deepcopy(hs))
+            copies.append(pickle.loads(pickle.dumps(hs)))
+        return -z
+
+    z0 = 2 * x0
+    hs.solve(f, z0, torch.linspace(0, 1, 3))
+    assert hs.solve_state.z0 is z0 and hs.correcting
+    for other in copies:
+        assert isinstance(other.solve_state, SolveState) and other.solve_state is not hs.solve_state
+        assert other.solve_state.z0 is None and other.correcting and not other.solve_state.adjoint_warned
+        assert other.time_grid.tolist() == pytest.approx([0.0, 0.4, 1.0])
+    assert not {"_uncorrected", "_initial_state", "_reset_queued", "_adjoint_warned"} & set(hs.__dict__)
+
+
+def test_deprecated_residual_methods_warn_and_give_the_same_numbers():
+    f = small_mlp()
+    vf = lambda t, z: f(z)  # noqa: E731
+    hs = HyperHeun(_perturb(MLPHyperNet(2)))
+    x, t_span = torch.randn(5, 2), torch.linspace(0, 1, 6)
+    traj = hs.solve(vf, x, t_span).detach()
+    with pytest.warns(DeprecationWarning, match="HyperSolver.base_residuals is deprecated"):
+        assert torch.equal(hs.base_residuals(vf, traj, t_span), base_residuals(hs, vf, traj, t_span))
+    with pytest.warns(DeprecationWarning, match="HyperSolver.residual_targets is deprecated"):
+        old = hs.residual_targets(vf, traj, t_span, with_stages=True)
+    new = residual_targets(hs, vf, traj, t_span, with_stages=True)
+    assert torch.equal(old[0], new[0]) and all(torch.equal(a, b) for a, b in zip(old[1], new[1]))
+    with pytest.warns(DeprecationWarning, match="HyperSolver.hypersolver_residuals is deprecated"):
+        assert torch.equal(hs.hypersolver_residuals(vf, traj, t_span), predicted_residuals(hs, vf, traj, t_span))
+    with pytest.warns(DeprecationWarning, match="HyperSolver.correction_inputs is deprecated"):
+        old = hs.correction_inputs(vf, t_span[0], x, t_span[1])
+    assert all(torch.equal(a, b) for a, b in zip(old, correction_inputs(hs, vf, t_span[0], x, t_span[1])))
+    with pytest.warns(DeprecationWarning, match="map_stage_corrections moved"):
+        assert solvers.map_stage_corrections is map_stage_corrections
+    with pytest.warns(DeprecationWarning, match="validity.describe is deprecated"):
+        assert validity.describe(hs) == hs.describe() == solvers.describe(hs)

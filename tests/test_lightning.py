@@ -13,7 +13,7 @@ from ddp_fit import problem
 from torch import nn
 
 import torchdyn_hypersolvers
-from torchdyn_hypersolvers import FitDivergedError, HyperEuler, MLPHyperNet, fit
+from torchdyn_hypersolvers import FitDivergedError, HyperEuler, MLPHyperNet, Recipe, fit
 from torchdyn_hypersolvers.fit import residual_data
 from torchdyn_hypersolvers.lightning import HypersolverFitModule, TrajectoryDataModule
 from torchdyn_hypersolvers.validity import Validity
@@ -182,3 +182,21 @@ def test_bad_inputs():
     module = HypersolverFitModule(hs)
     trainer(2).fit(module, datamodule=TrajectoryDataModule(data, batch_size=16, shuffle=False))
     assert len(module.loss_history) == 2 and hs.validity.dt_min == pytest.approx(0.25)
+
+
+def test_a_recipe_or_its_optimiser_fields_as_keywords():
+    trajectories, hs = problem()
+    module = HypersolverFitModule(hs, Recipe(lr=5e-3, clip=0.5))
+    assert (module.lr, module.lr_min, module.weight_decay, module.clip) == (5e-3, 5e-4, 1e-6, 0.5)
+    assert HypersolverFitModule(problem()[1], lr=5e-3, clip=0.5).recipe == module.recipe
+    with pytest.warns(DeprecationWarning, match="positional lr"):
+        assert HypersolverFitModule(problem()[1], 5e-3).recipe == Recipe(lr=5e-3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch_size'"):
+        HypersolverFitModule(hs, batch_size=4)  # the data module batches
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got True"):
+        TrajectoryDataModule(trajectories, hs, batch_size=True)
+    trainer(3).fit(module, datamodule=TrajectoryDataModule(trajectories, hs, batch_size=16, shuffle=False))
+    reference = problem()[1]  # the recipe's lr and clip reach the optimiser: fit's steps
+    recipe = Recipe(iterations=3, batch_size=16, warmup=3, lr=5e-3, clip=0.5)
+    fit(reference, trajectories, recipe=recipe, progress=False)
+    assert max_weight_difference(hs, reference) < 1e-12

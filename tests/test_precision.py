@@ -11,6 +11,7 @@ from torchdyn.core import NeuralODE
 from torchdyn_hypersolvers import HyperRK4, MLPHyperNet, fit, harvest
 from torchdyn_hypersolvers._loop import fixed_solve
 from torchdyn_hypersolvers._reference import reference_solve
+from torchdyn_hypersolvers.fit import residual_targets
 from torchdyn_hypersolvers.solvers import FixedStepSolver, HyperSolver
 
 SPAN = torch.linspace(0, 1, 2)
@@ -44,7 +45,7 @@ def _targets(base, f64, trajectories):
     for n in trajectories.steps:
         t_span, states = trajectories.mesh(n)
         with torch.no_grad():
-            out[n] = hs.residual_targets(f64, states.double(), t_span.double())[0]
+            out[n] = residual_targets(hs, f64, states.double(), t_span.double())[0]
     return out
 
 

@@ -19,7 +19,13 @@ from torchdyn_hypersolvers import (
     save,
 )
 from torchdyn_hypersolvers._costs import CallCounter
-from torchdyn_hypersolvers.fit import residual_data, residual_loss
+from torchdyn_hypersolvers.fit import (
+    correction_inputs,
+    predicted_residuals,
+    residual_data,
+    residual_loss,
+    residual_targets,
+)
 from torchdyn_hypersolvers.hypernets import ConvHyperNet, check_hypernet_input
 from torchdyn_hypersolvers.tableaus import HEUN, rk_increment, rk_stages
 
@@ -161,12 +167,12 @@ def test_residual_helpers_and_pareto_with_a_stage_aware_g():
     traj = Heun().solve(f, torch.randn(5, 2), SPAN)
     hs = HyperHeun(MLPHyperNet(2, hidden=(8,), stages=2, time=True))
     nn.init.normal_(hs.g.net[-1].weight)
-    targets, stages = hs.residual_targets(f, traj, SPAN, with_stages=True)
+    targets, stages = residual_targets(hs, f, traj, SPAN, with_stages=True)
     assert len(stages) == 2 and stages[0].shape == targets.shape == traj[1:].shape
-    predicted = hs.hypersolver_residuals(f, traj, SPAN)
+    predicted = predicted_residuals(hs, f, traj, SPAN)
     with torch.no_grad():
         for k in range(len(SPAN) - 1):
-            args = hs.correction_inputs(f, SPAN[k], traj[k], SPAN[k + 1] - SPAN[k], z0=traj[0])
+            args = correction_inputs(hs, f, SPAN[k], traj[k], SPAN[k + 1] - SPAN[k], z0=traj[0])
             assert torch.allclose(predicted[k], hs.correction(*args), atol=1e-6)
     result = pareto(f, traj[0], SPAN[[0, -1]], solvers=[hs], steps=[4], timing=False)
     assert result.rows[0].macs_g > 0 and result.rows[0].nfe == 8

@@ -9,9 +9,11 @@ from torch import nn
 from torchdyn.core import NeuralODE
 from torchdyn.numerics import odeint
 
-from torchdyn_hypersolvers import Euler, HyperEuler, HyperMidpoint, MLPHyperNet, load, pareto, tune
+from torchdyn_hypersolvers import Euler, HyperEuler, HyperMidpoint, HyperRK4, MLPHyperNet, Recipe, load, pareto, tune
 from torchdyn_hypersolvers._reference import reference_solve
 from torchdyn_hypersolvers._time_grid import fit_time_grid, grid_from_logits
+from torchdyn_hypersolvers.tuning import PRUNE_FACTOR, Search, _resolve_search
+from torchdyn_hypersolvers.validity import OutsideFitWarning, Validity, outside_fit_ignored
 
 T_SPAN = torch.linspace(0, 1, 2)
 
@@ -105,7 +107,18 @@ def test_table_compares_with_classical_solvers_and_dopri5(tuned):
     assert kinds == {"hyper", "fixed", "adaptive"}
     text = result.to_markdown()
     assert "dopri5" in text and "best classical" in text
-    assert any("HyperEuler" in k for k in result.pruned) or len(result.candidates) == 3
+    # HyperEuler is pruned at a budget exactly when Euler's held-out error there is over PRUNE_FACTOR
+    # times the best classical solver's (Midpoint, the closer base, is always kept)
+    pruned_at = set()
+    for n in (4, 8):
+        classical = {r.solver: r.terminal_error for r in result.table if r.kind == "fixed" and r.nfe == n}
+        ratio = classical["euler"] / min(classical.values())
+        if ratio > PRUNE_FACTOR:
+            pruned_at.add(n)
+            assert f"{ratio:.3g}x the best classical" in result.pruned[f"HyperEuler at NFE {n}"]
+    assert set(result.pruned) == {f"HyperEuler at NFE {n}" for n in pruned_at}
+    expected = {"HyperMidpoint", "HyperMidpoint (stage-aware g)"} | ({"HyperEuler"} if pruned_at != {4, 8} else set())
+    assert set(result.candidates) == expected
 
 
 def _transient():
@@ -264,3 +277,53 @@ def harvest_for(vf, x, hs):
     from torchdyn_hypersolvers import harvest
 
     return harvest(vf, x, T_SPAN, steps=[4], base=hs)
+
+
+def test_outside_fit_ignored_silences_the_grid_fit_without_touching_the_validity_record():
+    f = _field()
+    hs = HyperEuler(MLPHyperNet(2))
+    record = hs.validity = Validity(0.5, 0.5, (2,), "fitted on 2 steps")
+    seen = []
+
+    def recording(t, z):
+        seen.append(hs.validity)
+        return f(t, z)
+
+    z0 = torch.randn(16, 2)
+    z1 = reference_solve(f, z0, T_SPAN, "dopri5", 1e-7, 1e-7)[-1]
+    with pytest.warns(OutsideFitWarning):  # 8 steps of 0.125: outside the record
+        hs.solve(recording, z0, torch.linspace(0, 1, 9))
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_time_grid(hs, recording, z0, z1, T_SPAN, steps=8, iterations=3)
+        with outside_fit_ignored(), torch.no_grad():
+            hs.solve(recording, z0, torch.linspace(0, 1, 9))
+    assert seen and all(v is record for v in seen) and hs.validity is record
+
+
+def test_tuned_rk4_with_a_scaled_g_is_scaled_once():
+    f = _field()
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(4))
+    result = tune(f, x, T_SPAN, nfe=[4], bases=(HyperRK4,), iterations=5, grid=False, progress=False)
+    hs = result.candidates["HyperRK4"]
+    assert hs.hypernet.scales_output and not torch.equal(hs.hypernet.out_std, torch.ones(2))  # standardised
+    assert hs.residual_scale == 1.0  # g's own output scale, not a second one
+    assert result.fit_reports["HyperRK4"].iterations == 5
+
+
+def test_search_options_and_keywords():
+    f = _field()
+    x = torch.randn(16, 2)
+    search = Search(bases=[HyperEuler], recipe=Recipe(iterations=7), grid=False)
+    assert search.bases == (HyperEuler,) and _resolve_search(search, {}) is search
+    assert _resolve_search(search, {"iterations": 3}).recipe == Recipe(iterations=3)
+    assert _resolve_search(None, {"held_out": 0.5, "seed": 2}) == Search(held_out=0.5, seed=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'iteration'"):
+        tune(f, x, T_SPAN, iteration=3, progress=False)
+    with pytest.raises(ValueError, match="grid_iterations must be a non-negative int, got -1"):
+        Search(grid_iterations=-1)
+    with pytest.raises(ValueError, match="max_seconds"):
+        Search(max_seconds=-1.0)
+    with pytest.raises(ValueError, match="nfe must be a positive int, got True"):
+        tune(f, x, T_SPAN, nfe=[True, 4], progress=False)

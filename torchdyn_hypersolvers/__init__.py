@@ -1,7 +1,8 @@
 """Hypersolvers for torchdyn: fast, learned fixed-step solvers for Neural ODEs.
 
 The public API is what ``__all__`` lists. Tableaus and the generic step live in
-:mod:`.tableaus`, error metrics in :mod:`.metrics`, the naming rule in :mod:`~._solver_names`.
+:mod:`.tableaus`, error metrics in :mod:`.metrics`, validity records in :mod:`.validity`;
+modules whose names start with ``_`` are internal.
 """
 
 import importlib
@@ -10,7 +11,7 @@ import warnings
 from . import _compat
 from ._version import __version__
 from .evaluate import ParetoResult, generalization, pareto
-from .fit import Adversarial, FitDivergedError, FitReport, fit
+from .fit import Adversarial, FitDivergedError, FitReport, Recipe, fit
 from .guard import Guarded
 from .harvest import Trajectories, harvest
 from .hypernets import ConvHyperNet, MLPHyperNet
@@ -65,6 +66,7 @@ __all__ = [
     "harvest",
     "Trajectories",
     "fit",
+    "Recipe",
     "FitReport",
     "Adversarial",
     "FitDivergedError",

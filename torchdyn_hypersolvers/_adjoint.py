@@ -2,15 +2,20 @@
 
 torchdyn (1.0.x) solves the adjoint of ``sensitivity='adjoint'`` (without ``solver_adjoint``)
 and ``'interpolated_adjoint'`` with the forward solver, on a flattened adjoint state that g was
-never fitted on. This module tells that solve apart from every other one.
+never fitted on. This module tells that solve apart from every other one, and keeps a hypersolver's
+per-solve state (its :class:`~.solvers.SolveState`) uncorrected until the backward pass ends.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
+import weakref
 from typing import Optional
 
-__all__ = ["torchdyn_adjoint_solve"]
+import torch
+
+__all__ = ["torchdyn_adjoint_solve", "solve_uncorrected"]
 
 
 def torchdyn_adjoint_solve() -> Optional[str]:
@@ -40,3 +45,48 @@ def torchdyn_adjoint_solve() -> Optional[str]:
 
 def _in_module(frame, module: str) -> bool:
     return frame.f_globals.get("__name__") == module
+
+
+def solve_uncorrected(state, sensitivity: str, solver: str, base: str) -> None:
+    """Mark torchdyn's adjoint solve as uncorrected on ``state`` (a hypersolver's
+    :class:`~.solvers.SolveState`): its steps are the base solver's until the backward pass ends,
+    and a UserWarning says so, once per state. Call it from ``sync_device_dtype`` (the warning
+    points at torchdyn's ``odeint``)."""
+    state.uncorrected = True
+    _reset_after_backward(state)
+    if state.adjoint_warned:
+        return
+    state.adjoint_warned = True
+    how = (
+        "pass solver_adjoint=... (e.g. 'rk4' or 'dopri5') to choose it"
+        if sensitivity == "adjoint"
+        else "torchdyn's interpolated_adjoint always reuses the forward solver; use sensitivity='autograd' "
+        "or 'adjoint' with solver_adjoint=... to choose it"
+    )
+    warnings.warn(
+        f"{solver} is solving the adjoint of torchdyn's sensitivity={sensitivity!r} with its base "
+        f"solver {base} and no correction: g was fitted for the forward state, not the adjoint's; "
+        f"{how}. (Shown once per solver.)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _reset_after_backward(state) -> None:
+    """Set ``state.uncorrected`` back to False once this backward pass ends, so that a later direct
+    ``step()`` call is corrected (every solve also resets it)."""
+    if state.reset_queued:
+        return
+    ref = weakref.ref(state)
+
+    def reset() -> None:
+        live = ref()
+        if live is not None:
+            live.uncorrected = False
+            live.reset_queued = False
+
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(reset)
+    except (AttributeError, RuntimeError):  # not inside autograd's engine: the next solve resets it
+        return
+    state.reset_queued = True

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 import tempfile
 import zipfile
 from typing import Any, Union
 
 import torch
 
-__all__ = ["read_plain", "write_atomic"]
+__all__ = ["check_folder", "read_plain", "write_atomic"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -52,19 +53,50 @@ def read_plain(path: PathLike, map_location, what: str) -> Any:
         ) from err
 
 
-def write_atomic(blob: Any, path: PathLike, prefix: str = ".torchdyn-hypersolvers-") -> None:
+def write_atomic(blob: Any, path: PathLike, prefix: str = ".torchdyn-hypersolvers-", force: bool = False) -> None:
     """``torch.save(blob)`` to ``path`` atomically: a temporary file next to it, then a rename.
-    A symbolic link is followed: the link stays and its target is replaced."""
-    path = os.path.realpath(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=os.path.dirname(path))
+
+    A symbolic link is followed: the link stays and its target is replaced. A file that is replaced
+    keeps its permissions; a new file gets the process's umask (as ``open`` would give it). A
+    read-only file is refused (``PermissionError``) unless ``force``; a missing folder is a
+    ``FileNotFoundError`` naming it, before anything is written."""
+    path = check_folder(path)
+    folder = os.path.dirname(path)
+    mode = _mode_for(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(blob, handle)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def check_folder(path: PathLike) -> str:
+    """``path`` resolved (symbolic links followed), or a ``FileNotFoundError`` when its folder does not
+    exist: call it before costly work whose result goes there."""
+    path = os.path.realpath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist; create it first")
+    return path
+
+
+def _mode_for(path: str, force: bool) -> int:
+    """The permission bits the written file gets: those of the file it replaces, else 0o666 less the umask."""
+    if os.path.exists(path):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if not mode & stat.S_IWUSR and not force:
+            raise PermissionError(
+                f"{path} is read-only (mode {mode:o}); pass force=True to replace it, or make it writable first"
+            )
+        return mode
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _cuda_unavailable(map_location) -> bool:

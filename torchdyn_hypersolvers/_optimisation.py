@@ -1,19 +1,129 @@
-"""The optimisation recipe of every fit of g, shared by :func:`~.fit.fit` and the Lightning module.
+"""The optimisation recipe of every fit of g, shared by :func:`~.fit.fit`, :func:`~.tuning.tune` and
+the Lightning module.
 
-AdamW with cosine annealing, gradient-norm clipping, a stop with :class:`FitDivergedError`
-when the loss or the gradient stops being finite, and the hypersolver's validity record
-suspended while g changes.
+:class:`Recipe` holds the settings (AdamW with cosine annealing, gradient-norm clipping, the batch
+schedule, the iterations); the helpers here run them: a stop with :class:`FitDivergedError` when
+the loss or the gradient stops being finite, and g in training mode with the outside-the-fit
+warning silenced while g changes.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Tuple
+import dataclasses
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["FitDivergedError", "LastFinite", "diverged", "optimizer_and_schedule", "clip_gradients", "fitting"]
+from ._checks import check_int
+from ._outside_fit import outside_fit_ignored
+
+__all__ = [
+    "Recipe",
+    "resolve_recipe",
+    "FitDivergedError",
+    "LastFinite",
+    "diverged",
+    "optimizer_and_schedule",
+    "clip_gradients",
+    "fitting",
+]
+
+
+def _check_real(value, name: str, *, zero: bool = False, infinite: bool = False) -> float:
+    """``value`` as a float if it is a real number (not a bool, not nan) above zero (or at zero with
+    ``zero``; infinite only with ``infinite``); else a ``ValueError`` naming ``name`` and the value."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (value >= 0 if zero else value > 0) and (infinite or math.isfinite(value))
+    if not ok:
+        what = "a non-negative" if zero else "a positive"
+        raise ValueError(f"{name} must be {what}{'' if infinite else ' finite'} number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How g is optimised: AdamW with cosine annealing, gradient clipping and the paper's batch schedule.
+
+    ``warmup`` iterations on one batch of ``batch_size`` trajectories, then a new batch every
+    ``swap_every`` iterations; AdamW with ``weight_decay``, its learning rate annealed on a cosine
+    from ``lr`` to ``lr_min`` over ``iterations``; the gradients' global norm clipped at ``clip``
+    (``float('inf')``: no clipping).
+
+    ``refine``: after the fit, this many iterations of trajectory fitting on the meshes fitted, each
+    mesh's mean ``|z - z_ref|`` divided by the base solver's, from ``lr_min`` to ``lr_min / 10``
+    (0: none). ``balance_meshes``: weigh each mesh's residual error by ``1 / mean(R**2)`` on that mesh
+    (residual fitting; ``None``: for a base of order 4 or more) and scale g's output to the targets'
+    root mean square (``hs.residual_scale``; not for a g that scales its own output), so that g learns
+    residuals of order one on every mesh. Both are :func:`~.fit.fit`'s only.
+
+    Fields can be overridden by keyword where a recipe is taken: ``fit(hs, trajectories,
+    recipe=Recipe(lr=5e-3), iterations=200)``; ``recipe.replace(iterations=200)`` is a copy.
+    """
+
+    iterations: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-2
+    lr_min: float = 5e-4
+    weight_decay: float = 1e-6
+    warmup: int = 10
+    swap_every: int = 10
+    clip: float = 1.0
+    refine: int = 0
+    balance_meshes: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("iterations", 1), ("batch_size", 1), ("warmup", 0), ("swap_every", 1), ("refine", 0)):
+            check_int(getattr(self, name), name, minimum)
+        _check_real(self.lr, "lr", zero=True, infinite=True)  # an infinite lr diverges: fit says so
+        _check_real(self.lr_min, "lr_min", zero=True)
+        _check_real(self.weight_decay, "weight_decay", zero=True)
+        _check_real(self.clip, "clip", infinite=True)
+        if self.balance_meshes is not None and not isinstance(self.balance_meshes, bool):
+            raise ValueError(f"balance_meshes must be None or a bool, got {self.balance_meshes!r}")
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_recipe(
+    recipe: Optional[Recipe],
+    overrides: Dict[str, Any],
+    caller: str,
+    fields: Optional[Tuple[str, ...]] = None,
+    positional: Optional[str] = None,
+) -> Recipe:
+    """``recipe`` (default ``Recipe()``) with ``caller``'s keyword ``overrides`` of its fields applied.
+
+    An override that is not one of ``fields`` (default: every field) is a ``TypeError`` naming it, as
+    Python's own. A number given as ``recipe`` is the field ``positional`` that stood in its place
+    before recipes (``fit(hs, trajectories, 'residual', 500)``): accepted with a ``DeprecationWarning``.
+    """
+    allowed = fields if fields is not None else tuple(f.name for f in dataclasses.fields(Recipe))
+    for name in overrides:
+        if name not in allowed:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+    if positional is not None and isinstance(recipe, numbers.Real) and not isinstance(recipe, bool):
+        if positional in overrides:
+            raise TypeError(f"{caller}() got multiple values for argument {positional!r}")
+        warnings.warn(
+            f"{caller}()'s positional {positional} is deprecated: pass {positional}={recipe!r} "
+            f"or recipe=Recipe({positional}=...)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        recipe, overrides = None, {positional: recipe, **overrides}
+    if recipe is None:
+        recipe = Recipe()
+    elif not isinstance(recipe, Recipe):
+        raise TypeError(f"{caller}() takes recipe=Recipe(...), got {type(recipe).__name__}")
+    return recipe.replace(**overrides) if overrides else recipe
 
 
 class FitDivergedError(FloatingPointError):
@@ -67,14 +177,13 @@ def clip_gradients(params: List[nn.Parameter], clip: float, where: str) -> None:
 
 @contextlib.contextmanager
 def fitting(hs: nn.Module) -> Iterator[None]:
-    """g in training mode and the validity record suspended (no warnings while g changes);
-    both restored on exit, whatever happens."""
+    """g in training mode and no outside-the-fit warnings while g changes (:func:`outside_fit_ignored`);
+    the modes restored on exit, whatever happens. ``hs.validity`` is not touched."""
     modes = [(m, m.training) for m in hs.modules()]
-    validity, hs.validity = hs.validity, None
     hs.train()
     try:
-        yield
+        with outside_fit_ignored():
+            yield
     finally:
         for m, flag in modes:
             m.train(flag)
-        hs.validity = validity

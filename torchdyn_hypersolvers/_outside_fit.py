@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 import warnings
 from typing import Iterator, List
 
@@ -81,5 +82,17 @@ def check_solve(solver, x: Tensor, t_span) -> None:
             f"{type(solver).__name__} is solving {' and '.join(problems)}, outside where its g was fitted: "
             f"{validity.range_text()}. Its correction is an extrapolation there; describe() says more.",
             OutsideFitWarning,
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),
         )
+
+
+_LIBRARY_PREFIXES = ("torchdyn_hypersolvers", "torchdyn", "torch", "torchdiffeq", "pytorch_lightning", "lightning")
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside this package, torchdyn and torch, so that a
+    warning names the user's line (and Python's default filter shows it once per line and problem)."""
+    frame, level = sys._getframe(2), 2  # the caller of check_solve
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_PREFIXES:
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2

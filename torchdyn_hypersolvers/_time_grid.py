@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ._checks import check_int
 from ._loop import fixed_solve
 from ._mesh import check_t_span
+from ._outside_fit import outside_fit_ignored
 
 __all__ = ["grid_from_logits", "fit_time_grid"]
 
@@ -68,30 +69,26 @@ def fit_time_grid(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     z1 = z1.to(z0)
     good = logits.detach().clone()
-    validity = getattr(solver, "validity", None)
     modes = [(m, m.training) for m in solver.modules()]
     solver.eval()
-    if validity is not None:
-        solver.validity = None  # the grid moves through step sizes between the fitted ones: no warnings
     try:
-        for _ in range(iterations):
-            index = torch.randperm(len(z0), generator=generator)[:batch_size].to(z0.device)
-            grid = grid_from_logits(logits, t0, t1)
-            final = fixed_solve(solver, f, z0[index], grid, return_trajectory=False)
-            loss = (final - z1[index]).flatten(1).norm(dim=1).mean()
-            (grad,) = torch.autograd.grad(loss, [logits])
-            if not bool(torch.isfinite(loss) and torch.isfinite(grad).all()):
-                break  # the solve blew up on this grid: go back to the last logits whose solve was finite
-            good = logits.detach().clone()
-            logits.grad = grad
-            optimizer.step()
-            with torch.no_grad():
-                logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
-        else:
-            good = logits.detach()
+        with outside_fit_ignored():  # the grid moves through step sizes between the fitted ones: no warnings
+            for _ in range(iterations):
+                index = torch.randperm(len(z0), generator=generator)[:batch_size].to(z0.device)
+                grid = grid_from_logits(logits, t0, t1)
+                final = fixed_solve(solver, f, z0[index], grid, return_trajectory=False)
+                loss = (final - z1[index]).flatten(1).norm(dim=1).mean()
+                (grad,) = torch.autograd.grad(loss, [logits])
+                if not bool(torch.isfinite(loss) and torch.isfinite(grad).all()):
+                    break  # the solve blew up on this grid: go back to the last logits whose solve was finite
+                good = logits.detach().clone()
+                logits.grad = grad
+                optimizer.step()
+                with torch.no_grad():
+                    logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+            else:
+                good = logits.detach()
     finally:
         for module, flag in modes:
             module.train(flag)
-        if validity is not None:
-            solver.validity = validity
     return grid_from_logits(good, t0, t1)

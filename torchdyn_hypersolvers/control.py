@@ -132,15 +132,21 @@ def rollout(
     if t_span.dim() != 1 or t_span.numel() < 2 or not bool((t_span[1:] > t_span[:-1]).all()):
         raise ValueError(f"t_span must be increasing control instants (at least two), got {t_span.tolist()}")
     kind, stepper = resolve_solver(solver)
+    intervals = t_span.numel() - 1
+    if isinstance(controller, Tensor) and controller.dim() == 3 and controller.shape[0] != intervals:
+        raise ValueError(
+            f"sampled controls of shape {tuple(controller.shape)} hold {controller.shape[0]} intervals, but t_span "
+            f"has {t_span.numel()} control instants ({intervals} intervals): give one control per interval"
+        )
     x, xs, us = x0, [x0], []
     h = (t_span[1:] - t_span[:-1]) / substeps  # every step's time and size, once (no arithmetic per step)
     step_times = (t_span[:-1, None] + torch.arange(substeps).to(t_span) * h[:, None]).unbind(0)
     check = kind != "adaptive" and hasattr(stepper, "sync_device_dtype")
     for k, (t0, t1, dt, times) in enumerate(zip(t_span[:-1].unbind(0), t_span[1:].unbind(0), h.unbind(0), step_times)):
-        u = _control_at(controller, k, t0, x)
-        z = system.join(x, u)
+        z = system.join(x, _control_at(controller, k, t0, x))  # a number or (m,) is broadcast over the batch
+        u = system.split(z)[1]
         if kind == "adaptive":
-            z = reference_solve(system, z, torch.stack([t0, t1]), stepper, atol, rtol)[-1]
+            z = _adaptive_interval(system, z, t0, t1, stepper, atol, rtol)
         else:
             if check and k == 0:  # once: the solver's checks, on the first interval's mesh
                 stepper.sync_device_dtype(z, torch.cat([times, t1[None]]))
@@ -148,5 +154,18 @@ def rollout(
                 z = stepper.step(system, z, t, dt)[1]
         x = system.split(z)[0]
         xs.append(x)
-        us.append(u if u.shape[:-1] == x.shape[:-1] else u.expand(*x.shape[:-1], system.control_dim))
+        us.append(u)
     return Rollout(t_span, torch.stack(xs), torch.stack(us))
+
+
+def _adaptive_interval(system: ControlledSystem, z: Tensor, t0: Tensor, t1: Tensor, solver: str, atol, rtol) -> Tensor:
+    """One accurate solve over a control interval, refusing a non-finite control by name (an adaptive
+    solver would otherwise shrink its step forever)."""
+    u = system.split(z)[1]
+    if not bool(torch.isfinite(u).all()):
+        raise ValueError(
+            f"the controller returned nan or inf at t={float(t0):.6g} for "
+            f"{int((~torch.isfinite(u.reshape(-1, u.shape[-1]))).any(1).sum())} of the states; {solver} cannot "
+            "solve the interval"
+        )
+    return reference_solve(system, z, torch.stack([t0, t1]), solver, atol, rtol)[-1]

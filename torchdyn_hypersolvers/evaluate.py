@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -23,21 +24,21 @@ from torchdyn.core import NeuralODE
 from ._costs import CallCounter, counting_calls, macs, median_times
 from ._loop import fixed_solve
 from ._mesh import check_t_span, mesh_union
-from ._reference import reference_solve
-from ._solver_names import resolve_adaptive
+from ._reference import Reference, reference_solve
+from ._residuals import correction_inputs
 from ._user_model import preserved, resolve_model
 from .metrics import global_truncation_error, pareto_front, task_decrement, terminal_mape
 from .registry import resolve_solver
 from .solvers import HyperSolver
 
-__all__ = ["ParetoRow", "ParetoResult", "pareto", "generalization", "CLASSICAL"]
+__all__ = ["ParetoRow", "ParetoResult", "Task", "Reference", "pareto", "generalization", "CLASSICAL"]
 
 CLASSICAL = ("euler", "midpoint", "heun", "rk4")
-"""The classical fixed-step bases, by name (see :mod:`~._solver_names`)."""
+"""The classical fixed-step bases, by name (the naming rule: :func:`~.registry.resolve_solver`)."""
 
 SolverSpec = Union[str, nn.Module]
 Solvers = Union[Sequence[SolverSpec], Mapping[str, SolverSpec]]
-"""``pareto``'s ``solvers``: a list (each item labelled by :func:`_name`) or ``{label: solver}``."""
+"""``pareto``'s ``solvers``: a list (each item labelled by its name) or ``{label: solver}``."""
 
 
 @dataclass
@@ -194,7 +195,8 @@ def _name(solver: SolverSpec) -> str:
 
 
 def _labelled(solvers: Solvers) -> List[Tuple[str, SolverSpec]]:
-    """``(label, solver)`` pairs: a dict's own keys, or each list item's :func:`_name`."""
+    """``(label, solver)`` pairs: a dict's own keys, or each list item's name
+    (a string's text, a module's ``name``, else its class)."""
     if isinstance(solvers, (str, nn.Module)):
         solvers = [solvers]
     if isinstance(solvers, Mapping):
@@ -240,13 +242,11 @@ def pareto(
     solvers: Solvers = CLASSICAL + ("dopri5",),
     steps: Sequence[int] = (4, 8, 16),
     tolerances: Sequence[float] = (1e-2, 1e-3, 1e-4),
-    reference: str = "dopri5",
-    reference_tol: float = 1e-7,
-    head: Optional[Callable[[Tensor], Tensor]] = None,
-    labels: Optional[Tensor] = None,
-    metric: Optional[Callable[[Tensor, Tensor], float]] = None,
+    reference: Union[str, Reference] = "dopri5",
+    task: Optional[Task] = None,
     repeats: int = 5,
     timing: bool = True,
+    **options,
 ) -> ParetoResult:
     """Sweep ``solvers`` x ``steps`` (adaptive ones x ``tolerances``) on a model and inputs.
 
@@ -261,55 +261,91 @@ def pareto(
             a dict ``{label: solver}``. A row's ``solver`` is its label: the dict's key; for a
             list item, a string's own text, a module's ``name`` if it declares one, else its
             class name. Labels must be unique (look rows up with :meth:`ParetoResult.row`).
-        head, labels, metric: the task metric; the row's ``task_decrement`` is
-            ``metric(head(reference)) - metric(head(solution))`` (default: accuracy).
+        reference: what errors are measured against: an adaptive solver's name (at tolerance
+            1e-7) or a :class:`~.harvest.Reference`; ``reference_tol=`` (a keyword) sets its tolerance.
+        task: the task metric (:class:`Task`); ``head=``, ``labels=``, ``metric=`` (keywords) build
+            one. The row's ``task_decrement`` is ``metric(head(reference)) - metric(head(solution))``.
         repeats: interleaved timing repeats (median); ``timing=False`` skips timing.
 
     Each row counts NFE of f and calls of g (counted, not assumed), MACs of f and g
     separately, the median wall-clock time, and errors against the reference solve.
     """
+    reference, task = _sweep_options(reference, task, options)
     f, initial_state, module = resolve_model(model)
     span = check_t_span(t_span)
-    t0, t1 = float(span[0]), float(span[-1])
     classified = [(label, *resolve_solver(s)) for label, s in _labelled(solvers)]
     with preserved(module), torch.no_grad():
         z0 = initial_state(x)
-        t_union, meshes = mesh_union(t0, t1, steps)
+        t_union, meshes = mesh_union(float(span[0]), float(span[-1]), steps)
         t_union = t_union.to(z0)
-        ref = reference_solve(f, z0, t_union, reference, reference_tol, reference_tol)
-        t_ends = torch.tensor([t0, t1]).to(z0)
-        head = head if head is not None else _head_after(model, z0, t_ends)
-        task = _TaskMetric(head, labels, metric)
-        macs_f = macs(f, t_ends[0], z0)
-        rows, runs = [], {}
+        ref = reference_solve(f, z0, t_union, reference.full_name, reference.atol, reference.rtol)
+        t_ends = torch.tensor([float(span[0]), float(span[-1])]).to(z0)
+        if task.head is None:
+            task = dataclasses.replace(task, head=_head_after(model, z0, t_ends))
+        sweep = _Sweep(f, z0, t_ends, ref, task, macs(f, t_ends[0], z0))
         for name, kind, target in classified:
-            common = {"solver": name, "kind": kind, "macs_f": macs_f, "task": task}
             if kind == "adaptive":
-                for tol in tolerances:
-                    counter = CallCounter(f)
-                    sol = reference_solve(counter, z0, t_ends, target, tol, tol)
-                    rows.append(_row(**common, tol=tol, nfe=counter.calls, final=sol[-1], ref_final=ref[-1]))
-                    runs[len(rows) - 1] = lambda s=target, tl=tol: reference_solve(f, z0, t_ends, s, tl, tl)
-                continue
-            macs_g = 0
-            if kind == "hyper":
-                macs_g = macs(target.correction, *target.correction_inputs(f, t_ends[0], z0, t_ends[1] - t_ends[0]))
-            for n in steps:
-                mesh_t, mesh_ref = t_union[meshes[n]], ref[meshes[n]]
-                counter = CallCounter(f)
-                with _count_g(target) as g_counter:
-                    sol = fixed_solve(target, counter, z0, mesh_t)
-                counts = {"nfe": counter.calls, "g_calls": g_counter.calls, "macs_g": macs_g}
-                errors = {"final": sol[-1], "ref_final": mesh_ref[-1]}
-                error = global_truncation_error(sol, mesh_ref).mean()
-                rows.append(_row(**common, steps=n, **counts, **errors, global_error=error))
-                runs[len(rows) - 1] = lambda s=target, m=mesh_t: fixed_solve(s, f, z0, m, return_trajectory=False)
+                sweep.adaptive(name, target, tolerances)
+            else:
+                sweep.fixed(name, kind, target, {n: (t_union[meshes[n]], ref[meshes[n]]) for n in steps})
         if timing:
-            times = median_times({str(k): fn for k, fn in runs.items()}, repeats=repeats)
-            for k in runs:
-                rows[k].wall_ms = 1e3 * times[str(k)]
-    _mark_fronts(rows)
-    return ParetoResult(rows, resolve_adaptive(reference, role="reference"), reference_tol)
+            sweep.time(repeats)
+    _mark_fronts(sweep.rows)
+    return ParetoResult(sweep.rows, reference.full_name, reference.atol)
+
+
+def _sweep_options(reference, task: Optional[Task], options: Dict) -> Tuple[Reference, Task]:
+    """The sweep's reference (tolerance 1e-7 unless given) and task, from the arguments and the
+    keyword forms ``reference_tol=``, ``head=``, ``labels=``, ``metric=``."""
+    unknown = sorted(set(options) - {"reference_tol", "head", "labels", "metric"})
+    if unknown:
+        raise TypeError(f"pareto() got unexpected keyword arguments {unknown}")
+    tol = options.get("reference_tol")
+    chosen = Reference.of(reference, atol=tol, rtol=tol)
+    chosen = Reference.of(chosen, atol=chosen.atol or 1e-7, rtol=chosen.rtol or 1e-7)
+    task = task if task is not None else Task()
+    given = {k: options[k] for k in ("head", "labels", "metric") if options.get(k) is not None}
+    return chosen, dataclasses.replace(task, **given) if given else task
+
+
+class _Sweep:
+    """The rows of one sweep, and the solves to time for them (one per row)."""
+
+    def __init__(self, f, z0: Tensor, t_ends: Tensor, ref: Tensor, task: Task, macs_f: int):
+        self.f, self.z0, self.t_ends, self.ref, self.task, self.macs_f = f, z0, t_ends, ref, task, macs_f
+        self.rows: List[ParetoRow] = []
+        self.runs: Dict[int, Callable[[], object]] = {}
+
+    def adaptive(self, name: str, solver: str, tolerances: Sequence[float]) -> None:
+        f, z0, t_ends = self.f, self.z0, self.t_ends
+        for tol in tolerances:
+            counter = CallCounter(f)
+            sol = reference_solve(counter, z0, t_ends, solver, tol, tol)
+            self._add(name, "adaptive", tol=tol, nfe=counter.calls, final=sol[-1], ref_final=self.ref[-1])
+            self.runs[len(self.rows) - 1] = lambda tl=tol: reference_solve(f, z0, t_ends, solver, tl, tl)
+
+    def fixed(self, name: str, kind: str, target: nn.Module, meshes: Dict[int, Tuple[Tensor, Tensor]]) -> None:
+        f, z0, t_ends = self.f, self.z0, self.t_ends
+        macs_g = 0
+        if kind == "hyper":
+            macs_g = macs(target.correction, *correction_inputs(target, f, t_ends[0], z0, t_ends[1] - t_ends[0]))
+        for n, (mesh_t, mesh_ref) in meshes.items():
+            counter = CallCounter(f)
+            with _count_g(target) as g_counter:
+                sol = fixed_solve(target, counter, z0, mesh_t)
+            error = global_truncation_error(sol, mesh_ref).mean()
+            self._add(name, kind, steps=n, nfe=counter.calls, g_calls=g_counter.calls, macs_g=macs_g,
+                      final=sol[-1], ref_final=mesh_ref[-1], global_error=error)
+            self.runs[len(self.rows) - 1] = lambda m=mesh_t: fixed_solve(target, f, z0, m, return_trajectory=False)
+
+    def _add(self, name: str, kind: str, **counts) -> None:
+        self.rows.append(_row(solver=name, kind=kind, macs_f=self.macs_f, task=self.task, **counts))
+
+    def time(self, repeats: int) -> None:
+        """Every row's median wall-clock time, from interleaved repeats of its solve."""
+        times = median_times({str(k): fn for k, fn in self.runs.items()}, repeats=repeats)
+        for k in self.runs:
+            self.rows[k].wall_ms = 1e3 * times[str(k)]
 
 
 @contextlib.contextmanager
@@ -330,13 +366,16 @@ def _count_g(stepper: nn.Module) -> Iterator[CallCounter]:
         yield CallCounter(None)
 
 
-@dataclass
-class _TaskMetric:
-    """The task metric of a sweep: ``head`` (None: no task), ``labels``, ``metric``."""
+@dataclass(frozen=True)
+class Task:
+    """A sweep's task metric: how much ``metric(head(final state), labels)`` drops from the
+    reference's. ``head`` None: no task (for an ``nn.Sequential`` model, :func:`pareto` uses the
+    layers after its NeuralODE); ``labels`` None: the reference's own predictions; ``metric`` None:
+    accuracy."""
 
-    head: Optional[Callable[[Tensor], Tensor]]
-    labels: Optional[Tensor]
-    metric: Optional[Callable[[Tensor, Tensor], float]]
+    head: Optional[Callable[[Tensor], Tensor]] = None
+    labels: Optional[Tensor] = None
+    metric: Optional[Callable[[Tensor, Tensor], float]] = None
 
     def decrement(self, final: Tensor, ref_final: Tensor) -> Optional[float]:
         if self.head is None:
@@ -357,7 +396,7 @@ def _row(
     final: Tensor,
     ref_final: Tensor,
     global_error: Optional[Tensor] = None,
-    task: _TaskMetric,
+    task: Task,
 ) -> ParetoRow:
     """A row from one solve's counts and final state (errors against ``ref_final``); untimed."""
     errors = (final - ref_final).flatten(1).norm(dim=1)

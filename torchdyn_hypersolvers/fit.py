@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import math
 import time
 import warnings
@@ -21,26 +20,42 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int
 from ._mesh import map_steps, step_times
-from ._optimisation import FitDivergedError, LastFinite, clip_gradients, diverged, fitting, optimizer_and_schedule
+from ._optimisation import (
+    FitDivergedError,
+    LastFinite,
+    Recipe,
+    clip_gradients,
+    diverged,
+    fitting,
+    optimizer_and_schedule,
+    resolve_recipe,
+)
 from ._precision import cast_floating, in_float64, parameter_dtype
 from ._progress import progress_bar
 from ._reference import reference_solve
+from ._residuals import base_residuals, correction_inputs, map_stage_corrections, predicted_residuals, residual_targets
 from ._solver_names import resolve_adaptive
 from ._user_model import module_device, owned_modules, preserved
 from .harvest import Trajectories
-from .solvers import HyperSolver, map_stage_corrections
+from .solvers import HyperSolver
 from .validity import Validity
 
 __all__ = [
     "Adversarial",
     "FitDivergedError",
     "FitReport",
+    "Recipe",
     "ResidualData",
+    "base_residuals",
+    "correction_inputs",
     "fit",
     "mesh_balance",
+    "predicted_residuals",
     "residual_data",
     "residual_loss",
+    "residual_targets",
     "trajectory_loss",
 ]
 
@@ -55,8 +70,8 @@ class ResidualData:
     """Everything residual fitting needs, per step (all meshes concatenated along steps).
 
     ``t``, ``dt``: ``[S]`` in the forward-time frame; ``z``, ``dz = f(t, z)`` and ``target``
-    (the base solver's residuals): ``[S, N, ...]``; ``steps``: ``[S]``, the step count
-    of the mesh each step belongs to. Only for a stage-aware g (the ``'stages'`` and
+    (the base solver's residuals): ``[S, N, ...]``; ``mesh_steps``: ``[S]``, the step count
+    of the mesh each step belongs to (``.steps`` in earlier versions). Only for a stage-aware g (the ``'stages'`` and
     ``'concat_stages'`` conventions): ``stages``, every stage of the base step ``(k_1, ..., k_s)``,
     each ``[S, N, ...]`` (``k_1`` is ``dz``), and ``z0``, each trajectory's first state ``[N, ...]``.
     """
@@ -66,12 +81,18 @@ class ResidualData:
     z: Tensor
     dz: Tensor
     target: Tensor
-    steps: Tensor
+    mesh_steps: Tensor
     stages: Optional[Tuple[Tensor, ...]] = None
     z0: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.z.shape[1]
+
+    @property
+    def steps(self) -> Tensor:
+        """Deprecated: ``mesh_steps`` (not :attr:`~.harvest.Trajectories.steps`, the meshes' sorted step counts)."""
+        warnings.warn("ResidualData.steps is now ResidualData.mesh_steps", DeprecationWarning, stacklevel=2)
+        return self.mesh_steps
 
     def replace(self, **changes) -> ResidualData:
         """A copy with some fields changed (``dataclasses.replace``)."""
@@ -123,7 +144,7 @@ def residual_data(hs: HyperSolver, trajectories: Trajectories, f: Optional[Calla
     with torch.no_grad():
         for n in trajectories.steps:
             t_span, states = trajectories.mesh(n)
-            target, stages = hs.residual_targets(f, states, t_span, with_stages=True)
+            target, stages = residual_targets(hs, f, states, t_span, with_stages=True)
             t, dt = step_times(t_span)
             parts.append((t, dt, states[:-1], stages[0], target, torch.full_like(t, n, dtype=torch.long)))
             if hs.reads_stages:  # memory: stages x states, kept only for a g that reads them
@@ -166,8 +187,8 @@ def mesh_balance(data: ResidualData) -> Tensor:
     high-order base on a smooth field) are not lost below the optimiser's epsilon."""
     per_step = data.target.flatten(1).square().mean(1)
     weight = torch.ones_like(per_step)
-    for n in data.steps.unique():
-        mask = data.steps == n
+    for n in data.mesh_steps.unique():
+        mask = data.mesh_steps == n
         weight[mask] = 1.0 / per_step[mask].mean().clamp_min(torch.finfo(per_step.dtype).tiny)
     return weight
 
@@ -255,6 +276,20 @@ class FitReport:
             text += f"; target noise per mesh: {noise}"
         return text
 
+    def describe(self) -> str:
+        """The fit in a phrase, for the validity record it leaves on the hypersolver: ``'residual fit
+        (300 iterations) [mean |g - R|: 10 steps 0.0123 (base 0.31)]'``."""
+        text = f"{self.method} fit ({self.iterations} iterations)"
+        if self.adversarial_worst:
+            text += f" with {len(self.adversarial_worst)} adversarial rounds"
+        if self.residual_error:
+            errors = ", ".join(
+                f"{n} steps {self.residual_error[n]:.3g} (base {self.base_residual_error[n]:.3g})"
+                for n in sorted(self.residual_error)
+            )
+            text += f" [mean |g - R|: {errors}]"
+        return text
+
 
 def _check_compatible(hs: HyperSolver, data: ResidualData) -> None:
     probe = data.select(torch.arange(min(2, len(data)), device=data.z.device))
@@ -294,18 +329,6 @@ def _check_finite(trajectories: Trajectories, data: ResidualData) -> None:
     )
 
 
-def _in_float64(f: Callable) -> Callable:
-    """``f`` evaluated with float64 parameters and buffers (a module, through ``functional_call``;
-    no copy of the module is kept); a plain callable as it is."""
-    if not isinstance(f, nn.Module):
-        return f
-    tensors = {
-        name: v.double() if v.is_floating_point() else v
-        for name, v in itertools.chain(f.named_parameters(), f.named_buffers())
-    }
-    return lambda t, z: torch.func.functional_call(f, tensors, (t, z))
-
-
 def _target_noise(hs: HyperSolver, trajectories: Trajectories, data: ResidualData, f: Callable, sample: int):
     """Per mesh, ``mean |R - R_tight| / mean |R_tight|`` on the first ``sample`` trajectories,
     where ``R_tight`` are the residual targets of a re-solve at 100x tighter tolerances in
@@ -321,7 +344,7 @@ def _target_noise(hs: HyperSolver, trajectories: Trajectories, data: ResidualDat
     atol, rtol = max(trajectories.atol / 100, 1e-14), max(trajectories.rtol / 100, 1e-14)
     with torch.no_grad():
         try:
-            field64 = _in_float64(f)
+            field64 = in_float64(f)
             tight = reference_solve(field64, z0.double(), trajectories.t.double(), reference, atol, rtol)
             tight_f, t = field64, trajectories.t.double()
         except (RuntimeError, TypeError):  # f runs only in its own dtype
@@ -330,8 +353,8 @@ def _target_noise(hs: HyperSolver, trajectories: Trajectories, data: ResidualDat
         noise = {}
         for n in trajectories.steps:
             idx = trajectories.meshes[n].to(tight.device)
-            exact, _ = hs.residual_targets(tight_f, tight[idx], t[idx])
-            noisy = data.target[data.steps == n][:, :count]
+            exact, _ = residual_targets(hs, tight_f, tight[idx], t[idx])
+            noisy = data.target[data.mesh_steps == n][:, :count]
             scale = float(exact.abs().mean())
             error = float((noisy.to(exact.dtype) - exact).abs().mean())
             noise[int(n)] = error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
@@ -394,31 +417,22 @@ def fit(
     hs: HyperSolver,
     trajectories: Trajectories,
     method: str = "residual",
-    iterations: int = 1000,
-    batch_size: int = 64,
-    lr: float = 1e-2,
-    lr_min: float = 5e-4,
-    weight_decay: float = 1e-6,
-    warmup: int = 10,
-    swap_every: int = 10,
-    clip: float = 1.0,
+    recipe: Optional[Recipe] = None,
     adversarial: Optional[Adversarial] = None,
     device=None,
     progress: bool = True,
     seed: Optional[int] = None,
     noise_sample: int = 8,
-    refine: int = 0,
-    balance_meshes: Optional[bool] = None,
+    **overrides,
 ) -> FitReport:
     """Fit the hypersolver's g on harvested trajectories; only g's parameters change.
-
-    The schedule is the paper's: ``warmup`` iterations on one batch of ``batch_size``
-    trajectories, then a new batch every ``swap_every`` iterations; AdamW with cosine
-    annealing from ``lr`` to ``lr_min``; gradient-norm clipping at ``clip``.
 
     Args:
         method: ``'residual'`` (targets precomputed, one call of g per iteration) or
             ``'trajectory'`` (unroll the hypersolver over each mesh and match the reference).
+        recipe: the optimisation (a :class:`Recipe`: iterations, batch schedule, AdamW and its
+            cosine schedule, clipping, refinement, mesh balancing); its fields can also be given as
+            keywords, ``fit(hs, trajectories, iterations=300, lr=5e-3)``, over ``recipe``'s.
         adversarial: an :class:`Adversarial` search, or None.
         device: where to fit (g is moved there; the vector field is copied if it lives elsewhere).
         progress: show a tqdm progress bar with the loss.
@@ -426,33 +440,46 @@ def fit(
         noise_sample: how many trajectories residual fitting re-solves (at 100x tighter
             tolerances, in float64) to estimate the reference solver's noise in its targets,
             ``FitReport.target_noise``; above 10% of the targets it warns. 0 skips the estimate,
-            as do trajectories not made by :func:`harvest` (their reference is unknown).
-        refine: after fitting, this many iterations of trajectory fitting on the meshes fitted
-            (the budget the hypersolver will run at): the hypersolver is unrolled over each mesh
-            and its mean ``|z - z_ref|`` over the mesh points is divided by the base solver's
-            own on that mesh, so that fine meshes (small errors) weigh as much as coarse ones;
-            AdamW with cosine annealing from ``lr_min`` to ``lr_min / 10``. 0 (the default) skips it.
-        balance_meshes: weigh each mesh's residual error by ``1 / mean(R**2)`` on that mesh
-            (:func:`mesh_balance`), so that g is fitted equally well *relative to the base
-            solver* on every mesh; worth it when one g serves meshes whose residuals differ a
-            lot (HyperRK4 over several step counts); also sets ``hs.residual_scale`` to the targets'
-            root mean square, so that g learns residuals of order one. Residual fitting only.
-            ``None`` (the default): on for a base of order 4 or more, whose residuals are tiny.
+            as do trajectories not made by :func:`~.harvest.harvest` (their reference is unknown).
 
-    At the end, ``hs.validity`` records the step sizes, state shape, interval and direction of the
-    meshes fitted on.
+    With ``balance_meshes`` (see :class:`Recipe`), ``hs.residual_scale`` is set to the targets' root
+    mean square unless g scales its own output (``g.scales_output``: ``MLPHyperNet(scaled=True)``).
+    At the end, ``hs.validity`` records the step sizes, state shape, interval and direction fitted on.
 
-    Gradients are taken with respect to g's parameters only (``torch.autograd.grad``): f never
-    gets a ``.grad``. f is best given as an ``nn.Module`` (or the NeuralODE's ``vf``); for a plain
-    callable, the modules it reaches (closure cells, a bound method's object, ``functools.partial``
-    arguments, module-level names in its code) are put in eval mode and frozen during the fit and
-    restored after it, but a module it reaches in another way is not seen.
+    Gradients are taken with respect to g's parameters only: f never gets a ``.grad``. f is best an
+    ``nn.Module``; the modules a plain callable reaches (closure cells, a bound method's object,
+    ``functools.partial`` arguments, module-level names in its code) are frozen during the fit.
 
     Raises:
         ValueError: non-finite states, f values or targets in the trajectories (with their count
             and the first trajectories holding them), and the other bad arguments named.
+        TypeError: a keyword that is neither an argument nor a field of :class:`Recipe`.
         FitDivergedError: the loss or gradient became non-finite; g keeps its last finite weights.
     """
+    recipe = resolve_recipe(recipe, overrides, "fit", positional="iterations")
+    _check_arguments(hs, trajectories, method, adversarial, noise_sample)
+    trajectories, f, params = _placed(hs, trajectories, device)
+    start = time.perf_counter()
+    with preserved(*owned_modules(f)):
+        data = residual_data(hs, trajectories, f)
+        _check_finite(trajectories, data)
+        _check_compatible(hs, data)
+        noise = _target_noise(hs, trajectories, data, f, noise_sample) if method == "residual" else {}
+        _warn_noise(noise, trajectories, noise_sample)
+        batches = _Batches(hs, f, method, recipe, data, trajectories, adversarial=adversarial, seed=seed)
+        with fitting(hs):
+            history = _optimise(params, batches.loss_at, recipe, method, progress)
+            if recipe.refine:
+                history += _refine(hs, batches.trajectories, f, params, recipe, progress)
+        residual_error, base_error = _residual_errors(hs, batches.data)
+    elapsed = time.perf_counter() - start
+    report = FitReport(method, recipe.iterations, elapsed, history, residual_error, base_error, batches.worst, noise)
+    hs.validity = Validity.of_trajectories(batches.trajectories, how=report.describe())
+    return report
+
+
+def _check_arguments(hs: HyperSolver, trajectories: Trajectories, method: str, adversarial, noise_sample) -> None:
+    """fit's refusals of a bad method, sample size, field-less trajectories or adversarial setting."""
     if method not in METHODS:
         raise ValueError(f"unknown fitting method {method!r}; expected one of {METHODS}")
     if method == "residual" and getattr(hs, "fitted_by_trajectory", False):
@@ -460,69 +487,72 @@ def fit(
             f"{type(hs).__name__} corrects its stages with an inner net that residual fitting cannot "
             "reach (its residuals do not separate): only the outer g is fitted; use method='trajectory'",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    if isinstance(noise_sample, bool) or not isinstance(noise_sample, int) or noise_sample < 0:
-        raise ValueError(f"noise_sample must be a non-negative int, got {noise_sample!r}")
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ValueError(f"refine must be a non-negative int, got {refine!r}")
-    if iterations < 1 or batch_size < 1:
-        raise ValueError(f"iterations and batch_size must be positive, got {iterations}, {batch_size}")
+    check_int(noise_sample, "noise_sample", minimum=0)
     if trajectories.f is None:
         raise ValueError("the trajectories carry no vector field; load them with Trajectories.load(path, f=...)")
     if adversarial is not None and adversarial.param_noise > 0 and method != "residual":
         raise ValueError("adversarial perturbation of f's parameters needs method='residual'")
+
+
+def _placed(hs: HyperSolver, trajectories: Trajectories, device) -> Tuple[Trajectories, Callable, List[nn.Parameter]]:
+    """g and the trajectories moved to ``device`` (default: the trajectories'), their f there (a copy of
+    a module that lives elsewhere: the user's model stays where it is), and g's trainable parameters."""
     device = torch.device(device) if device is not None else trajectories.states.device
     hs.to(device)
     trajectories = trajectories.to(device)
     f = trajectories.f
     if isinstance(f, nn.Module) and module_device(f, device) != device:
-        f = copy.deepcopy(f).to(device)  # the user's model stays where it is
+        f = copy.deepcopy(f).to(device)
     params = [p for p in hs.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"the hypersolver's g ({type(hs.g).__name__}) has no trainable parameters")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    rounds = set()
-    if adversarial is not None:
-        rounds = {iterations * (k + 1) // (adversarial.rounds + 1) for k in range(adversarial.rounds)}
-    start, worst, index = time.perf_counter(), [], None
-    with preserved(*owned_modules(f)):
-        data = residual_data(hs, trajectories, f)
-        _check_finite(trajectories, data)
-        _check_compatible(hs, data)
-        noise = _target_noise(hs, trajectories, data, f, noise_sample) if method == "residual" else {}
-        _warn_noise(noise, trajectories, noise_sample)
-        weight = None
-        if balance_meshes or (balance_meshes is None and hs.order >= 4 and method == "residual"):
-            weight = mesh_balance(data)
-            hs.residual_scale = float(data.target.square().mean().sqrt().clamp_min(1e-30))
+    return trajectories, f, params
 
-        def loss_at(i: int) -> Tensor:
-            nonlocal data, trajectories, index
-            if i in rounds:
-                found, fc, err = _adversarial_round(hs, trajectories, f, adversarial, generator)
-                worst.append(err)
-                data = data.extend(residual_data(hs, found, fc))
-                if method == "trajectory":
-                    trajectories = trajectories.extend(found).replace(f=f)
-            if index is None or (i >= warmup and (i - warmup) % swap_every == 0):
-                index = torch.randperm(len(data), generator=generator)[:batch_size].to(device)
-            if method == "residual":
-                return residual_loss(hs, data, index, weight)
-            return trajectory_loss(hs, trajectories.select(index), f)
 
-        with fitting(hs):
-            history = _optimise(params, loss_at, iterations, method, lr, lr_min, weight_decay, clip, progress)
-            if refine:
-                history += _refine(
-                    hs, trajectories, f, params, refine, batch_size, lr_min, weight_decay, clip, progress
-                )
-        residual_error, base_error = _residual_errors(hs, data)
-    report = FitReport(
-        method, iterations, time.perf_counter() - start, history, residual_error, base_error, worst, noise
-    )
-    hs.validity = Validity.of_trajectories(trajectories, report)
-    return report
+def _balance(hs: HyperSolver, data: ResidualData, recipe: Recipe, method: str) -> Optional[Tensor]:
+    """The per-step weights of :func:`mesh_balance` when the recipe balances the meshes (by default
+    for a base of order 4 or more, residual fitting); then g's output scale is also set to the
+    targets' root mean square, unless g scales its own output (``g.scales_output``)."""
+    balance = recipe.balance_meshes
+    if not (balance or (balance is None and hs.order >= 4 and method == "residual")):
+        return None
+    if not getattr(hs.g, "scales_output", False):  # one output scale: g's own, or the hypersolver's
+        hs.residual_scale = float(data.target.square().mean().sqrt().clamp_min(1e-30))
+    return mesh_balance(data)
+
+
+class _Batches:
+    """The fit's data, its loss and its current batch of trajectories: the adversarial rounds (spread
+    evenly over the fit) add to the data, and the batch is drawn anew after ``warmup`` iterations, then
+    every ``swap_every``. The meshes are weighed as the recipe says (:func:`_balance`)."""
+
+    def __init__(self, hs, f, method: str, recipe: Recipe, data: ResidualData, trajectories, *, adversarial, seed):
+        self.hs, self.f, self.method, self.recipe, self.adversarial = hs, f, method, recipe, adversarial
+        self.data, self.trajectories = data, trajectories
+        self.weight = _balance(hs, data, recipe, method)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.index: Optional[Tensor] = None
+        self.worst: List[float] = []
+        n = adversarial.rounds if adversarial is not None else 0
+        self.rounds = {recipe.iterations * (k + 1) // (n + 1) for k in range(n)}
+
+    def loss_at(self, i: int) -> Tensor:
+        """The loss of iteration ``i`` (after an adversarial round, when one falls on ``i``)."""
+        if i in self.rounds:
+            found, fc, err = _adversarial_round(self.hs, self.trajectories, self.f, self.adversarial, self.generator)
+            self.worst.append(err)
+            self.data = self.data.extend(residual_data(self.hs, found, fc))
+            if self.method == "trajectory":
+                self.trajectories = self.trajectories.extend(found).replace(f=self.f)
+        recipe = self.recipe
+        if self.index is None or (i >= recipe.warmup and (i - recipe.warmup) % recipe.swap_every == 0):
+            index = torch.randperm(len(self.data), generator=self.generator)[: recipe.batch_size]
+            self.index = index.to(self.data.z.device)
+        if self.method == "residual":
+            return residual_loss(self.hs, self.data, self.index, self.weight)
+        return trajectory_loss(self.hs, self.trajectories.select(self.index), self.f)
 
 
 def _mesh_errors(hs: HyperSolver, trajectories: Trajectories, f: Callable, correct: bool = True) -> Dict[int, Tensor]:
@@ -538,20 +568,22 @@ def _mesh_errors(hs: HyperSolver, trajectories: Trajectories, f: Callable, corre
     return errors
 
 
-def _refine(hs, trajectories, f, params, iterations, batch_size, lr, weight_decay, clip, progress) -> List[float]:
-    """``fit(refine=...)``: trajectory L1 on the meshes fitted, each mesh's error divided by
-    the base solver's on it (computed once, on all the trajectories)."""
+def _refine(hs, trajectories: Trajectories, f, params, recipe: Recipe, progress: bool) -> List[float]:
+    """``recipe.refine`` iterations of trajectory L1 on the meshes fitted, each mesh's error divided
+    by the base solver's on it (computed once, on all the trajectories), from ``lr_min`` to ``lr_min / 10``."""
     with torch.no_grad():
         scale = {n: float(e) for n, e in _mesh_errors(hs, trajectories, f, correct=False).items()}
     scale = {n: e if e > 0 and math.isfinite(e) else 1.0 for n, e in scale.items()}
     generator = torch.Generator().manual_seed(0)
+    device = trajectories.states.device
 
     def loss_at(i: int) -> Tensor:
-        index = torch.randperm(len(trajectories), generator=generator)[:batch_size].to(trajectories.states.device)
+        index = torch.randperm(len(trajectories), generator=generator)[: recipe.batch_size].to(device)
         errors = _mesh_errors(hs, trajectories.select(index), f)
         return sum(errors[n] / scale[n] for n in errors) / len(errors)
 
-    return _optimise(params, loss_at, iterations, "refinement", lr, lr / 10, weight_decay, clip, progress)
+    refinement = recipe.replace(iterations=recipe.refine, lr=recipe.lr_min, lr_min=recipe.lr_min / 10)
+    return _optimise(params, loss_at, refinement, "refinement", progress)
 
 
 def _residual_errors(hs: HyperSolver, data: ResidualData, max_elements: int = 2**22):
@@ -567,17 +599,20 @@ def _residual_errors(hs: HyperSolver, data: ResidualData, max_elements: int = 2*
             sums += (predicted - target).abs().flatten(1).sum(1).cpu()
             base += target.abs().flatten(1).sum(1).cpu()
     per_step = data.z[0].numel()
-    steps = data.steps.cpu()
+    steps = data.mesh_steps.cpu()
     return (
         {int(n): float(sums[steps == n].sum() / (per_step * (steps == n).sum())) for n in steps.unique()},
         {int(n): float(base[steps == n].sum() / (per_step * (steps == n).sum())) for n in steps.unique()},
     )
 
 
-def _optimise(params, loss_at, iterations: int, method: str, lr, lr_min, weight_decay, clip, progress) -> List[float]:
+def _optimise(
+    params: List[nn.Parameter], loss_at: Callable[[int], Tensor], recipe: Recipe, method: str, progress: bool
+) -> List[float]:
     """The recipe's loop: ``loss_at(i)``, a finite-loss check, gradients with respect to g's
     parameters only, clipping, a step; on divergence g gets back its last finite weights."""
-    optimizer, schedule = optimizer_and_schedule(params, lr, lr_min, weight_decay, iterations)
+    iterations = recipe.iterations
+    optimizer, schedule = optimizer_and_schedule(params, recipe.lr, recipe.lr_min, recipe.weight_decay, iterations)
     history: List[float] = []
     bar = progress_bar(iterations, progress, "fitting g")
     last = LastFinite(params)
@@ -590,7 +625,7 @@ def _optimise(params, loss_at, iterations: int, method: str, lr, lr_min, weight_
             grads = torch.autograd.grad(loss, params, allow_unused=True)  # never into f
             for p, grad in zip(params, grads):
                 p.grad = grad
-            clip_gradients(params, clip, f"iteration {i}")
+            clip_gradients(params, recipe.clip, f"iteration {i}")
             last.keep()
             optimizer.step()
             schedule.step()

@@ -15,14 +15,14 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int
-from ._files import read_plain, write_atomic
+from ._files import check_folder, read_plain, write_atomic
 from ._mesh import check_t_span, mesh_union
 from ._precision import FLOAT64_BELOW, float64_field, precise_tolerance
-from ._reference import Reference, reference_solve
+from ._reference import NonFiniteSolveError, Reference, reference_solve
 from ._solver_names import resolve_base
 from ._user_model import closure_state, module_device, owned_modules, preserved, resolve_model
 
-__all__ = ["Reference", "Trajectories", "harvest", "reference_solve"]
+__all__ = ["NonFiniteSolveError", "Reference", "Trajectories", "harvest", "reference_solve"]
 
 _FORMAT = 1
 
@@ -96,8 +96,9 @@ class Trajectories:
         states = torch.cat([self.states, other.states.to(self.states)], 1)
         return self.replace(states=states, fingerprint=_derived(self.fingerprint, "an extension", states.shape[1]))
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write to ``path`` atomically (the vector field is not saved; a symlink is followed)."""
+    def save(self, path: Union[str, os.PathLike], force: bool = False) -> None:
+        """Write to ``path`` atomically (the vector field is not saved; a symlink is followed; a replaced
+        file keeps its permissions, a read-only one is refused unless ``force``)."""
         write_atomic(
             {
                 "format": _FORMAT,
@@ -110,6 +111,7 @@ class Trajectories:
                 "fingerprint": dict(self.fingerprint) if self.fingerprint is not None else None,
             },
             path,
+            force=force,
         )
 
     @classmethod
@@ -229,6 +231,8 @@ def harvest(
         t, meshes = t_span.to(torch.float64), {len(t_span) - 1: torch.arange(len(t_span))}
     else:
         t, meshes = mesh_union(float(t_span[0]), float(t_span[-1]), steps)
+    if cache is not None:
+        check_folder(cache)  # before the solves, not after
     if isinstance(inputs, Tensor) and inputs.numel() == 0:
         raise ValueError(f"harvest got an empty tensor of inputs (shape {tuple(inputs.shape)}): no initial states")
     owned = owned_modules(model)
@@ -266,7 +270,7 @@ def harvest(
 
 def _reference_settings(f, z0s: List[Tensor], t: Tensor, meshes, tableau, atol, rtol):
     """``(float64 f or None, atol, rtol)``: today's 1e-6 without a base; with one, the
-    tolerances not given follow :func:`~._precision.precise_tolerance` and the reference is
+    tolerances not given follow the precision rule (1% of the residual targets) and the reference is
     solved in float64 (f in float64: the first item) when the base needs it."""
     if tableau is None:
         return None, 1e-6 if atol is None else atol, 1e-6 if rtol is None else rtol

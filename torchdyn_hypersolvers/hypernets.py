@@ -261,7 +261,7 @@ def _stack(layer: Callable[[int, int], nn.Module], widths: Sequence[int], out: i
 class _TemplateHyperNet(nn.Module):
     """A ready-made g: ``net([z, dz, dt(, t)])``, or with ``stages = s >= 2``
     ``net([z, k_1, ..., k_s, z0, dt(, t)])`` (the ``'stages'`` convention), for states of
-    the shape :meth:`_expects` describes."""
+    the shape they were built for."""
 
     hypernet_convention = "dt_t_z_dz"
     net: nn.Sequential
@@ -359,6 +359,12 @@ class MLPHyperNet(_TemplateHyperNet):
                 self.register_buffer(name, torch.zeros(size) if name == "z_mean" else torch.ones(size))
             self.register_buffer("dt_mean", torch.ones(()))
             self.register_buffer("out_std", torch.ones(state_dim - control_dim))
+
+    @property
+    def scales_output(self) -> bool:
+        """Whether g multiplies its output by its own scale (``scaled=True``): ``fit`` then leaves
+        the hypersolver's ``residual_scale`` at 1, so that the output is scaled once."""
+        return bool(self.config.get("scaled", False))
 
     @torch.no_grad()
     def standardize_(self, data) -> MLPHyperNet:

@@ -22,7 +22,7 @@ from ._files import read_plain, write_atomic
 from ._records import report_record, tableau_of, tableau_record, trajectories_record, validity_fields, validity_record
 from ._solver_names import resolve_base
 from ._version import __version__
-from .guard import Guarded
+from ._wrapped import unwrap
 from .solvers import BaseLike, HyperSolver
 from .tableaus import ButcherTableau
 from .validity import Validity
@@ -43,23 +43,23 @@ def _same_method(x: ButcherTableau, y: ButcherTableau) -> bool:
     return (x.order, x.a, x.b, x.c) == (y.order, y.a, y.b, y.c)
 
 
-def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=None) -> None:
+def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=None, force: bool = False) -> None:
     """Write a hypersolver's g and its model card to ``path``.
 
     Args:
-        hypersolver: a :class:`HyperSolver` whose g is an ``nn.Module`` (a :class:`~.guard.Guarded`
+        hypersolver: a :class:`~.solvers.HyperSolver` whose g is an ``nn.Module`` (a :class:`~.guard.Guarded`
             one is saved as its hypersolver: the guard's settings are not saved).
-        trajectories: the :class:`Trajectories` g was fitted on (recorded: meshes, step
+        trajectories: the :class:`~.harvest.Trajectories` g was fitted on (recorded: meshes, step
             sizes, state shape, reference solver and tolerances; not the states).
-        report: the :class:`FitReport` of the fit (recorded: its summary numbers).
+        report: the :class:`~.fit.FitReport` of the fit (recorded: its summary numbers).
 
     The validity record saved is derived from ``trajectories`` when given, otherwise it is
-    ``hypersolver.validity`` (set by :func:`fit`). The file is written atomically. A ``path``
+    ``hypersolver.validity`` (set by :func:`~.fit.fit`). The file is written atomically. A ``path``
     that is a symbolic link is followed: the link stays, its target gets the new content
-    (written next to the target, then renamed over it).
+    (written next to the target, then renamed over it). A file that is replaced keeps its
+    permissions and a new one gets the umask's; a read-only file is refused unless ``force``.
     """
-    if isinstance(hypersolver, Guarded):  # its hypersolver is saved; wrap the loaded one again
-        hypersolver = hypersolver.hypersolver
+    hypersolver = unwrap(hypersolver)  # a wrapped (e.g. Guarded) one: its hypersolver is saved; wrap the loaded one
     if not isinstance(hypersolver, HyperSolver):
         raise TypeError(f"save expects a HyperSolver, got {type(hypersolver).__name__}")
     g = hypersolver.g
@@ -67,7 +67,10 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
         raise TypeError(f"g ({type(g).__name__}) is not an nn.Module: there are no weights to save")
     name = type(g).__name__
     ours = type(g) is _HYPERNETS.get(name)
-    validity = Validity.of_trajectories(trajectories, report) if trajectories is not None else hypersolver.validity
+    validity = hypersolver.validity
+    if trajectories is not None:
+        how = report.describe() if report is not None else None
+        validity = Validity.of_trajectories(trajectories, how=how)
     solver = type(hypersolver).__name__
     blob = {
         "kind": _KIND,
@@ -90,7 +93,7 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
         "trajectories": trajectories_record(trajectories) if trajectories is not None else None,
         "report": report_record(report) if report is not None else None,
     }
-    write_atomic(blob, path, prefix=".hypersolver-")
+    write_atomic(blob, path, prefix=".hypersolver-", force=force)
 
 
 def _read(path: PathLike, map_location) -> Dict[str, Any]:
@@ -266,9 +269,28 @@ def load(
         if record is not None:
             hs.validity = Validity(**validity_fields(record))
         hs.time_grid = grid
+        if grid is not None and hs.validity is not None:
+            _check_grid_fits(hs.__dict__["_time_grid"], hs.validity)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{os.fspath(path)!s} is corrupt: {err}") from err
     return hs
+
+
+def _check_grid_fits(grid, validity: Validity) -> None:
+    """Refuse a time grid that is not where g was fitted: other ends than the fitted interval, or
+    step sizes outside the fitted range (a grid edited by hand, a file put together from two)."""
+    steps = [abs(b - a) for a, b in zip(grid, grid[1:])]
+    slack = 1e-6 * max(abs(grid[-1] - grid[0]), 1e-12)
+    if validity.t0 is not None and (abs(grid[0] - validity.t0) > slack or abs(grid[-1] - validity.t1) > slack):
+        raise ValueError(
+            f"its time grid runs from t={grid[0]:.6g} to t={grid[-1]:.6g} but g was fitted from t={validity.t0:.6g} "
+            f"to t={validity.t1:.6g}"
+        )
+    if min(steps) < validity.dt_min * (1 - 1e-6) or max(steps) > validity.dt_max * (1 + 1e-6):
+        raise ValueError(
+            f"its time grid has step sizes in [{min(steps):.6g}, {max(steps):.6g}] but g was fitted on "
+            f"[{validity.dt_min:.6g}, {validity.dt_max:.6g}]"
+        )
 
 
 def from_paper_state_dict(state_dict: Dict[str, Any]) -> Dict[str, Any]:

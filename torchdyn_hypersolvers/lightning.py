@@ -3,15 +3,16 @@
 Opt-in: ``import torchdyn_hypersolvers`` does not import this module. It needs the
 ``lightning`` extra (``pip install 'torchdyn-hypersolvers[lightning]'``).
 
-:class:`HypersolverFitModule` computes the loss with the very functions :func:`fit`
+:class:`HypersolverFitModule` computes the loss with the very functions :func:`~.fit.fit`
 uses (:func:`~torchdyn_hypersolvers.fit.residual_loss` and
 :func:`~torchdyn_hypersolvers.fit.trajectory_loss`), with AdamW, cosine annealing and
-gradient-norm clipping as in :func:`fit`. :class:`TrajectoryDataModule` serves batches
-of trajectories; under DDP each rank draws only its share of the trajectory index
-(``DistributedSampler``), and DDP averages the gradients, so ``devices=N`` with
-``batch_size=b`` takes the steps of one process with a batch of ``N * b``. Unlike
-:func:`fit`, batches follow the dataloader (one pass over the trajectories per epoch)
-rather than fit's warmup / ``swap_every`` schedule. :func:`fit` stays the
+gradient-norm clipping as in :func:`~.fit.fit` (the optimiser fields of its :class:`~.fit.Recipe`).
+:class:`TrajectoryDataModule` serves batches of trajectories; under DDP each rank draws
+only its share of the trajectory index (``DistributedSampler``), and DDP averages the
+gradients, so ``devices=N`` with ``batch_size=b`` takes the steps of one process with a
+batch of ``N * b``. Unlike
+:func:`~.fit.fit`, batches follow the dataloader (one pass over the trajectories per epoch)
+rather than fit's warmup / ``swap_every`` schedule. :func:`~.fit.fit` stays the
 single-process entry point.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +36,17 @@ except ImportError:  # the unified `lightning` package ships the same API
             "torchdyn_hypersolvers.lightning needs PyTorch Lightning: pip install 'torchdyn-hypersolvers[lightning]'"
         ) from err
 
-from ._optimisation import FitDivergedError, LastFinite, clip_gradients, diverged, fitting, optimizer_and_schedule
+from ._checks import check_int
+from ._optimisation import (
+    FitDivergedError,
+    LastFinite,
+    Recipe,
+    clip_gradients,
+    diverged,
+    fitting,
+    optimizer_and_schedule,
+    resolve_recipe,
+)
 from ._user_model import module_device, owned_modules, preserved
 from .fit import METHODS, ResidualData, residual_data, residual_loss, trajectory_loss
 from .harvest import Trajectories
@@ -45,7 +56,7 @@ from .validity import Validity
 __all__ = ["HypersolverFitModule", "TrajectoryDataModule"]
 
 
-class _Take:
+class _CollateTrajectories:
     """Collate a list of trajectory indices into the batch those trajectories make."""
 
     def __init__(self, source: Union[ResidualData, Trajectories]):
@@ -62,12 +73,12 @@ class TrajectoryDataModule(pl.LightningDataModule):
     """Batches of trajectories for :class:`HypersolverFitModule`, sharded across ranks.
 
     Args:
-        source: harvested :class:`Trajectories`, or precomputed :class:`ResidualData`
+        source: harvested :class:`~.harvest.Trajectories`, or precomputed :class:`~.fit.ResidualData`
             (residual fitting only).
         hs: the hypersolver to be fitted; needed to compute residual targets from
             ``Trajectories`` (only its base solver is used).
-        method: ``'residual'`` (batches of :class:`ResidualData`, computed once in
-            :meth:`setup`) or ``'trajectory'`` (batches of :class:`Trajectories`).
+        method: ``'residual'`` (batches of :class:`~.fit.ResidualData`, computed once in
+            :meth:`setup`) or ``'trajectory'`` (batches of :class:`~.harvest.Trajectories`).
         batch_size: trajectories per batch *per rank*.
         shuffle: reshuffle every epoch; seeded by ``seed``, identically on every rank.
 
@@ -87,8 +98,7 @@ class TrajectoryDataModule(pl.LightningDataModule):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown fitting method {method!r}; expected one of {METHODS}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        check_int(batch_size, "batch_size")
         if isinstance(source, ResidualData):
             if method != "residual":
                 raise ValueError("ResidualData only serves method='residual'; pass the Trajectories instead")
@@ -125,7 +135,11 @@ class TrajectoryDataModule(pl.LightningDataModule):
         else:
             sampler = None
         return DataLoader(
-            index, batch_size=self.batch_size, sampler=sampler, collate_fn=_Take(source), num_workers=self.num_workers
+            index,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=_CollateTrajectories(source),
+            num_workers=self.num_workers,
         )
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
@@ -153,31 +167,29 @@ class _ReleaseOnException(pl.Callback):
 
 
 class HypersolverFitModule(pl.LightningModule):
-    """Fit ``hs.g`` with Lightning: the losses of :func:`fit`, AdamW, cosine annealing, clipping.
+    """Fit ``hs.g`` with Lightning: the losses of :func:`~.fit.fit`, AdamW, cosine annealing, clipping.
 
     Args:
         hs: the hypersolver; only g's parameters are optimised.
-        lr, lr_min, weight_decay, clip: as for :func:`fit` (``Trainer(gradient_clip_val=...)``
-            overrides ``clip``).
+        recipe: a :class:`~.fit.Recipe`, of which the optimiser's fields are used: ``lr``, ``lr_min``,
+            ``weight_decay`` and ``clip`` (``Trainer(gradient_clip_val=...)`` overrides ``clip``);
+            they can also be given as keywords. The Trainer and the data module decide the rest.
         iterations: the cosine schedule's length; by default the Trainer's number of
             optimiser steps (``max_steps``, or epochs times batches).
 
-    Batches are :class:`ResidualData` (residual fitting) or :class:`Trajectories`
+    Batches are :class:`~.fit.ResidualData` (residual fitting) or :class:`~.harvest.Trajectories`
     (trajectory fitting), as served by :class:`TrajectoryDataModule`. ``loss_history``
     holds the loss of each step averaged over ranks (the loss of the global batch).
     At the end of a fit with a :class:`TrajectoryDataModule`, ``hs.validity`` is set as
-    :func:`fit` sets it. A non-finite loss or gradient raises :class:`FitDivergedError`
+    :func:`~.fit.fit` sets it. A non-finite loss or gradient raises :class:`~.fit.FitDivergedError`
     on every rank before the step is taken.
     """
 
+    OPTIMISER_FIELDS = ("lr", "lr_min", "weight_decay", "clip")
+    """The fields of a :class:`~.fit.Recipe` this module uses (and takes as keywords)."""
+
     def __init__(
-        self,
-        hs: HyperSolver,
-        lr: float = 1e-2,
-        lr_min: float = 5e-4,
-        weight_decay: float = 1e-6,
-        clip: float = 1.0,
-        iterations: Optional[int] = None,
+        self, hs: HyperSolver, recipe: Optional[Recipe] = None, iterations: Optional[int] = None, **overrides: Any
     ):
         super().__init__()
         if not isinstance(hs, HyperSolver):
@@ -185,11 +197,17 @@ class HypersolverFitModule(pl.LightningModule):
         if not any(p.requires_grad for p in hs.parameters()):
             raise ValueError(f"the hypersolver's g ({type(hs.g).__name__}) has no trainable parameters")
         self.hs = hs
-        self.lr, self.lr_min, self.weight_decay, self.clip, self.iterations = lr, lr_min, weight_decay, clip, iterations
+        self.recipe = resolve_recipe(recipe, overrides, type(self).__name__, self.OPTIMISER_FIELDS, positional="lr")
+        self.iterations = None if iterations is None else check_int(iterations, "iterations")
         self.loss_history: List[float] = []
         self._fields = {}
         self._frozen = contextlib.ExitStack()  # the user's vector field frozen, g in fitting mode
         self._last: Optional[LastFinite] = None  # g's weights before the latest step
+
+    lr = property(lambda self: self.recipe.lr, doc="The recipe's ``lr``.")
+    lr_min = property(lambda self: self.recipe.lr_min, doc="The recipe's ``lr_min``.")
+    weight_decay = property(lambda self: self.recipe.weight_decay, doc="The recipe's ``weight_decay``.")
+    clip = property(lambda self: self.recipe.clip, doc="The recipe's ``clip``.")
 
     def _field(self, f: Callable) -> Callable:
         """The vector field, frozen, on this module's device (a copy when the user's is elsewhere);
@@ -223,7 +241,8 @@ class HypersolverFitModule(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.hs.parameters() if p.requires_grad]
         total = self.iterations if self.iterations is not None else int(self.trainer.estimated_stepping_batches)
-        optimizer, schedule = optimizer_and_schedule(params, self.lr, self.lr_min, self.weight_decay, total)
+        recipe = self.recipe
+        optimizer, schedule = optimizer_and_schedule(params, recipe.lr, recipe.lr_min, recipe.weight_decay, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def backward(self, loss: Tensor, *args, **kwargs) -> None:
@@ -237,13 +256,13 @@ class HypersolverFitModule(pl.LightningModule):
             self._last.keep()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip = self.clip if gradient_clip_val is None else gradient_clip_val
+        clip = self.recipe.clip if gradient_clip_val is None else gradient_clip_val
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         # gradients are already averaged over ranks here, so every rank agrees
         clip_gradients(params, clip, f"step {self.global_step}")
 
     def on_fit_start(self) -> None:
-        self._frozen.enter_context(fitting(self.hs))  # no validity warnings while g changes
+        self._frozen.enter_context(fitting(self.hs))  # g in training mode, no outside-the-fit warnings
         self._last = LastFinite([p for p in self.hs.parameters() if p.requires_grad])
 
     def on_fit_end(self) -> None:
@@ -257,7 +276,7 @@ class HypersolverFitModule(pl.LightningModule):
         return [_ReleaseOnException()]
 
     def _release(self) -> None:
-        """Unfreeze the user's vector field and put g's modes and validity record back as they were."""
+        """Unfreeze the user's vector field, put g's modes back and let solves warn outside the fit again."""
         self._frozen.close()
         self._fields.clear()
         self._last = None

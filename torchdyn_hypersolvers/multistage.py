@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .hypernets import STAGE_CONVENTIONS, call_hypernet, check_hypernet_input, detect_convention
-from .solvers import HyperSolver
+from .solvers import HyperSolver, StepParts
 from .tableaus import VectorField, rk_stages
 
 __all__ = ["MultiStageHyperNet", "MultiStageHyperSolver"]
@@ -72,7 +72,8 @@ class MultiStageHyperSolver(HyperSolver):
 
     ``base`` is any explicit base solver (a name, a tableau, a solver). With zero-initialised
     g and h (the package's templates start so) it is exactly its base solver. While solving
-    torchdyn's adjoint it steps with the base tableau, as every hypersolver.
+    torchdyn's adjoint it steps with the base tableau, as every hypersolver. It overrides
+    :meth:`step_parts` only, so it can be guarded (:class:`~.guard.Guarded` checks and drops the outer g).
     """
 
     def __init__(self, *args: Any, dtype: Optional[torch.dtype] = None, convention: Optional[str] = None):
@@ -90,19 +91,21 @@ class MultiStageHyperSolver(HyperSolver):
         return self.hypernet.inner is not None
 
     def check_inputs(self, x: Tensor, t_span: Tensor) -> None:
-        """As :meth:`HyperSolver.check_inputs`, for both nets."""
+        """As :meth:`~.solvers.HyperSolver.check_inputs`, for both nets."""
         super().check_inputs(x, t_span)
         net = self.hypernet
         check_hypernet_input(net.outer, net.outer_convention, x)
         if net.inner is not None:
             check_hypernet_input(net.inner, net.inner_convention, x)
 
-    def step(self, f: VectorField, x: Tensor, t: Tensor, dt: Tensor, k1: Optional[Tensor] = None, args=None):
-        """One step with corrected stages and the outer correction; torchdyn's ``(None, x_next, None)``."""
+    def step_parts(self, f: VectorField, x: Tensor, t: Tensor, dt: Tensor, k1: Optional[Tensor] = None) -> StepParts:
+        """The step's pieces with corrected stages: ``increment`` is the weighted sum of the corrected
+        stages ``f(t_i, z_i) + h(...)``, ``stages`` the evaluations of f (uncorrected, ``k_1 = f(t, x)``
+        first), ``correction`` the outer term ``dt**(p+1) g(dt, t, x, f(t, x))``."""
         net = self.hypernet
-        if self._uncorrected or net.inner is None:
-            return super().step(f, x, t, dt, k1, args)
-        raw: List[Tensor] = []
+        if net.inner is None:
+            return super().step_parts(f, x, t, dt, k1)
+        raw: List[Tensor] = [] if k1 is None else [k1]
 
         def corrected(ti: Tensor, zi: Tensor) -> Tensor:
             dz = f(ti, zi)
@@ -111,7 +114,4 @@ class MultiStageHyperSolver(HyperSolver):
 
         first = corrected(t, x) if k1 is None else k1 + net.stage_correction(dt, t, x, k1)
         psi, _ = rk_stages(self.tableau, corrected, t, x, dt, first)
-        dz = k1 if k1 is not None else raw[0]
-        return None, x + dt * psi + dt ** (self.order + 1) * self.correction(dt, t, x, dz), None
-
-
+        return StepParts(psi, tuple(raw), dt ** (self.order + 1) * self.correction(dt, t, x, raw[0]))

@@ -98,8 +98,8 @@ def registered_solver(name: str) -> Optional[nn.Module]:
 
 
 def resolve_solver(solver: Union[str, nn.Module]) -> Resolved:
-    """Resolve a solver given as a module or by name (the rule of :mod:`._solver_names`, plus the
-    names given to :func:`register`)."""
+    """Resolve a solver given as a module or by name (the naming rule of docs/solver-names.md, plus
+    the names given to :func:`register`)."""
     if isinstance(solver, HyperSolver):
         return Resolved(SolverKind.HYPER, solver)
     if isinstance(solver, nn.Module):

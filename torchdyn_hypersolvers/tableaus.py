@@ -113,7 +113,7 @@ def alpha_tableau(alpha: float) -> ButcherTableau:
 
 
 TABLEAUS = {t.name: t for t in (EULER, MIDPOINT, HEUN, RALSTON, RK4)}
-"""The base solvers reachable by name (see :mod:`~._solver_names` for the naming rule)."""
+"""The base solvers reachable by name (the naming rule: :func:`~.registry.resolve_solver`)."""
 
 
 def rk_stages(

@@ -16,36 +16,46 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int
 from ._loop import fixed_solve
 from ._mesh import check_t_span
+from ._optimisation import Recipe
+from ._outside_fit import outside_fit_ignored
 from ._precision import parameter_dtype
 from ._progress import progress_bar
 from ._reference import reference_solve
 from ._time_grid import fit_time_grid, grid_from_logits
 from ._user_model import preserved, resolve_model
 from .evaluate import ParetoResult, pareto
-from .fit import fit, residual_data
-from .harvest import harvest
+from .fit import FitReport, fit, residual_data
+from .harvest import Trajectories, harvest
 from .hypernets import MLPHyperNet
 from .io import save
 from .solvers import FixedStepSolver, HyperEuler, HyperMidpoint, HyperRK4, HyperSolver
 
-__all__ = ["Choice", "TuneResult", "tune", "fit_time_grid", "grid_from_logits"]
+__all__ = ["Choice", "Search", "TuneResult", "tune", "fit_time_grid", "grid_from_logits"]
 
 DEFAULT_BASES = (HyperEuler, HyperMidpoint, HyperRK4)
-CLASSICAL = {1: "euler", 2: "midpoint", 4: "rk4"}
+_CLASSICAL_BY_STAGES = {1: "euler", 2: "midpoint", 4: "rk4"}
+"""The classical solver of each stage count: the baselines of the comparison."""
 PRUNE_FACTOR = 100.0
 """A (base, budget) is not fitted when the base solver's held-out error there is more than this
 many times the best classical solver's: g would have to learn the residual to better than 1%."""
 MATCH_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 GRID_GAIN = 0.99
 """A learned grid is kept when its held-out error is below this fraction of the uniform grid's."""
-OUTSIDE_FIT = ".*outside where its g was fitted.*"
+_DEPRECATED = {
+    "CLASSICAL": ("the classical solver per stage count is private now", _CLASSICAL_BY_STAGES),
+    "OUTSIDE_FIT": (
+        "filter OutsideFitWarning, or solve within outside_fit_ignored()",
+        ".*outside where its g was fitted.*",
+    ),
+}
 
 
 @dataclass
@@ -153,6 +163,69 @@ class TuneResult:
             json.dump({"choices": numbers, "pruned": self.pruned, "target_error": self.target_error}, fh, indent=2)
 
 
+@dataclass(frozen=True)
+class Search:
+    """What :func:`tune` tries, and how hard; any field can also be given to ``tune`` as a keyword.
+
+    Args:
+        bases: the hypersolver classes to try (each fitted on the step counts its stage count
+            divides the budgets into).
+        hypernet: ``hypernet(cls, stage_aware) -> g``, a fresh g for a hypersolver class (default: a
+            time-aware, standardised :class:`~.hypernets.MLPHyperNet` of two 64-wide layers, for
+            states ``(B, D)``; image states need one).
+        stage_aware: also try, for bases of two or more stages, a g that reads every stage.
+        recipe: how each candidate's g is fitted (a :class:`~.fit.Recipe`; 2000 iterations);
+            ``tune(..., iterations=300)`` changes its iterations alone.
+        grid, grid_iterations: fit a time grid for each budget's choice (kept only when it lowers
+            the held-out error).
+        held_out: the share of the inputs kept for the comparison and never fitted on.
+        max_seconds: stop fitting new candidates and grids after this much wall time (the first
+            candidate is always fitted; those skipped are listed in ``TuneResult.pruned``).
+        seed: draws the held-out inputs; seeds each g's initialisation, its fit and the grids.
+    """
+
+    bases: Tuple[type, ...] = DEFAULT_BASES
+    hypernet: Optional[Callable[[type, bool], nn.Module]] = None
+    stage_aware: bool = True
+    recipe: Recipe = Recipe(iterations=2000)
+    grid: bool = True
+    grid_iterations: int = 200
+    held_out: float = 0.25
+    max_seconds: Optional[float] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bases", tuple(self.bases))
+        for cls in self.bases:
+            if not (isinstance(cls, type) and issubclass(cls, HyperSolver) and cls.tableau is not None):
+                raise ValueError(f"bases must be hypersolver classes with a tableau (HyperEuler, ...), got {cls!r}")
+        if not isinstance(self.recipe, Recipe):
+            raise TypeError(f"recipe must be a Recipe, got {type(self.recipe).__name__}")
+        if not 0.0 < self.held_out < 1.0:
+            raise ValueError(f"held_out must be a fraction in (0, 1), got {self.held_out!r}")
+        check_int(self.grid_iterations, "grid_iterations", minimum=0)
+        if self.max_seconds is not None and not self.max_seconds >= 0:
+            raise ValueError(f"max_seconds must be None or a non-negative number, got {self.max_seconds!r}")
+
+
+def _resolve_search(search: Optional[Search], options: Dict[str, Any]) -> Search:
+    """``search`` (default ``Search()``) with ``tune``'s keyword ``options`` (its fields, and
+    ``iterations``: the recipe's) applied; an unknown keyword is a ``TypeError`` naming it."""
+    options = dict(options)
+    if search is not None and not isinstance(search, Search):  # tune(model, x, t_span, nfe, match, bases)
+        warnings.warn("tune()'s positional bases is deprecated: pass bases=...", DeprecationWarning, stacklevel=3)
+        search, options = None, {"bases": search, **options}
+    search = search if search is not None else Search()
+    names = {f.name for f in dataclasses.fields(Search)}
+    for name in options:
+        if name not in names and name != "iterations":
+            raise TypeError(f"tune() got an unexpected keyword argument {name!r}")
+    if "iterations" in options:
+        recipe = options.get("recipe", search.recipe)
+        options["recipe"] = recipe.replace(iterations=options.pop("iterations"))
+    return dataclasses.replace(search, **options) if options else search
+
+
 def _default_hypernet(state_shape: Tuple[int, ...]) -> Callable[[type, bool], nn.Module]:
     if len(state_shape) != 1:
         raise ValueError(
@@ -181,9 +254,9 @@ def _parse_match(match: str) -> Tuple[str, float]:
 
 def _check_budgets(nfe) -> List[int]:
     values = list(nfe)
-    if not values or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in values):
+    if not values:
         raise ValueError(f"nfe must be a non-empty sequence of positive ints, got {nfe!r}")
-    return sorted(set(values))
+    return sorted({check_int(n, "nfe") for n in values})
 
 
 def tune(
@@ -192,211 +265,329 @@ def tune(
     t_span,
     nfe: Optional[Sequence[int]] = None,
     match: Optional[str] = None,
-    bases: Sequence[type] = DEFAULT_BASES,
-    hypernet: Optional[Callable[[type, bool], nn.Module]] = None,
-    stage_aware: bool = True,
-    held_out: float = 0.25,
-    iterations: int = 2000,
-    grid: bool = True,
-    grid_iterations: int = 200,
+    search: Optional[Search] = None,
     labels: Optional[Tensor] = None,
-    max_seconds: Optional[float] = None,
     device=None,
-    seed: int = 0,
     progress: bool = True,
+    **options: Any,
 ) -> TuneResult:
     """Find, per budget of f evaluations, the most accurate hypersolver for ``model``.
 
+    A share of the inputs is held out; the classical solvers on it prune the (base, budget) pairs
+    that cannot win; the rest of the inputs are harvested once; one g is fitted per candidate;
+    every candidate is compared with the classical solvers and an adaptive one on the held-out
+    inputs; per budget the best is kept, with a learned time grid when that lowers its error.
+
     Args:
         model: what :func:`~.harvest.harvest` takes: a NeuralODE, a module holding one, or ``f(t, z)``.
-        x: the inputs (a tensor); a share ``held_out`` of them (drawn with ``seed``) is kept for
-            the comparison and never fitted on (``TuneResult.held_out``).
+        x: the inputs (a tensor); ``TuneResult.held_out`` are those compared on.
         t_span: its endpoints give the interval (a decreasing one integrates backwards).
         nfe: the budgets (evaluations of f per solve); default ``(4, 8, 16, 24)``, or with ``match``
             a ladder from 2 to 32.
         match: an adaptive solver and tolerance, ``'dopri5:1e-4'``: its held-out error becomes
             ``TuneResult.target_error`` (what :meth:`TuneResult.cheapest` aims at by default).
-        bases: the hypersolver classes to try (each fitted on the step counts its stage count
-            divides the budgets into).
-        hypernet: ``hypernet(cls, stage_aware) -> g``, a fresh g for a hypersolver class (default: a
-            time-aware, standardised :class:`~.hypernets.MLPHyperNet` of two 64-wide layers, for
-            states ``(B, D)``; image states need one).
-        stage_aware: also try, for bases of two or more stages, a g that reads every stage.
-        iterations: residual-fitting iterations per candidate.
-        grid, grid_iterations: fit a time grid for each budget's choice (kept only when it lowers
-            the held-out error).
-        labels: the task labels of the held-out inputs' model head (the table's task decrement).
-        max_seconds: stop fitting new candidates and grids after this much wall time (the first
-            candidate is always fitted; those skipped are listed in ``TuneResult.pruned``).
+        search: the candidates and the effort (a :class:`Search`); its fields (``bases=``,
+            ``hypernet=``, ``stage_aware=``, ``grid=``, ``grid_iterations=``, ``held_out=``,
+            ``max_seconds=``, ``seed=``, and ``iterations=``: the recipe's) can be given as keywords.
+        labels: the task labels of the inputs' model head (the table's task decrement).
         device: where to harvest and fit (default: where the model computes).
         progress: a tqdm bar over the stages of the search.
     """
+    search = _resolve_search(search, options)
+    budgets = _check_budgets(nfe if nfe is not None else (MATCH_LADDER if match else (4, 8, 16, 24)))
+    target = _parse_match(match) if match is not None else None
+    run = _setup(model, x, t_span, labels, device, search)
+    bar = _Bar(progress, 3 + 2 * len(search.bases) + (len(budgets) if search.grid else 0))
+    plan = _plan(run, budgets, bar)
+    trajectories = _harvest(run, plan, bar)
+    fitted = _fit_candidates(run, trajectories, plan, bar)
+    comparison = _compare(run, budgets, fitted, target, bar)
+    chosen = _choose(run, budgets, trajectories, fitted, comparison.table, bar)
+    bar.close()
+    return TuneResult(
+        chosen.choices,
+        comparison.table,
+        {**plan.pruned, **fitted.pruned, **chosen.pruned},
+        run.x_test,
+        run.test_index,
+        comparison.target_error,
+        match,
+        time.perf_counter() - run.start,
+        {label: c.hs for label, c in fitted.candidates.items()},
+        {label: c.report for label, c in fitted.candidates.items()},
+    )
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every phase of :func:`tune` reads: the model, the inputs split, the search and its clock."""
+
+    model: Any
+    f: Callable
+    initial_state: Callable
+    module: Optional[nn.Module]
+    ends: Tensor
+    x_test: Tensor
+    x_fit: Tensor
+    test_index: Tensor
+    labels: Optional[Tensor]
+    device: Any
+    dtype: Optional[torch.dtype]
+    make: Callable[[type, bool], nn.Module]
+    search: Search
+    start: float
+
+    def out_of_time(self) -> bool:
+        """Whether the search's ``max_seconds`` have passed."""
+        seconds = self.search.max_seconds
+        return seconds is not None and time.perf_counter() - self.start > seconds
+
+    def skipped(self) -> str:
+        return f"not fitted: the {self.search.max_seconds:g} s budget was spent"
+
+
+def _setup(model, x: Tensor, t_span, labels: Optional[Tensor], device, search: Search) -> _Run:
+    """Check the inputs, resolve the model and hold out a share of the inputs (drawn with the seed)."""
     start = time.perf_counter()
     if not isinstance(x, Tensor):
         raise TypeError(f"tune needs the inputs as a tensor, got {type(x).__name__}")
-    if not 0.0 < held_out < 1.0:
-        raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     if len(x) < 4:
         raise ValueError(f"tune needs at least 4 inputs to hold some out, got {len(x)}")
     if labels is not None and len(labels) != len(x):
         raise ValueError(f"labels must have one entry per input: got {len(labels)} labels for {len(x)} inputs")
-    budgets = _check_budgets(nfe if nfe is not None else (MATCH_LADDER if match else (4, 8, 16, 24)))
-    target = _parse_match(match) if match is not None else None
-    bases = list(bases)
-    for cls in bases:
-        if not (isinstance(cls, type) and issubclass(cls, HyperSolver) and cls.tableau is not None):
-            raise ValueError(f"bases must be hypersolver classes with a base tableau (HyperEuler, ...), got {cls!r}")
     span = check_t_span(t_span)
-    ends = torch.stack([span[0], span[-1]])
     f, initial_state, module = resolve_model(model)
     with preserved(module), torch.no_grad():
         state_shape = tuple(initial_state(x[:2]).shape[1:])
-    make = hypernet or _default_hypernet(state_shape)  # refuses image states without a hypernet, before any work
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(x), generator=generator)
-    n_test = max(1, int(round(held_out * len(x))))
-    x_test, x_fit = x[order[:n_test]], x[order[n_test:]]
-    if labels is not None:
-        labels = labels[order[:n_test]]
-    pruned: Dict[str, str] = {}
-
-    def over_time() -> bool:
-        return max_seconds is not None and time.perf_counter() - start > max_seconds
-
-    bar = _Bar(progress, 3 + 2 * len(bases) + (len(budgets) if grid else 0))
-    # 1. The classical solvers on the held-out inputs: which (base, budget) pairs can win.
-    base_of = {cls: f"base of {cls.__name__}" for cls in bases}
-    classical_steps = sorted(
-        {n // s for n in budgets for s in (*CLASSICAL, *(c.tableau.stages for c in bases)) if n % s == 0}
+    make = search.hypernet or _default_hypernet(state_shape)  # refuses image states without a hypernet, before any work
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(search.seed))
+    test = order[: max(1, int(round(search.held_out * len(x))))]
+    fitting = order[len(test) :]
+    return _Run(
+        model,
+        f,
+        initial_state,
+        module,
+        torch.stack([span[0], span[-1]]),
+        x[test],
+        x[fitting],
+        test,
+        None if labels is None else labels[test],
+        device,
+        _model_dtype(model, x),
+        make,
+        search,
+        start,
     )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=OUTSIDE_FIT)
-        solvers = {name: name for name in CLASSICAL.values()} | {base_of[c]: FixedStepSolver(c.tableau) for c in bases}
-        baseline = pareto(model, x_test, ends, solvers=solvers, steps=classical_steps, timing=False)
+
+
+@dataclass
+class _Plan:
+    """Phase 1: per base class, the step counts worth fitting (in the order of the bases); what was
+    pruned and why."""
+
+    steps: Dict[type, List[int]]
+    pruned: Dict[str, str]
+
+
+def _plan(run: _Run, budgets: List[int], bar: _Bar) -> _Plan:
+    """Run the classical solvers and each base solver on the held-out inputs; a base whose own error
+    at a budget is over ``PRUNE_FACTOR`` times the best classical solver's is not fitted there (the
+    base closest to it always is: every budget gets a choice)."""
+    bases = run.search.bases
+    base_of = {cls: f"base of {cls.__name__}" for cls in bases}
+    stages = (*_CLASSICAL_BY_STAGES, *(c.tableau.stages for c in bases))
+    steps = sorted({n // s for n in budgets for s in stages if n % s == 0})
+    solvers = {name: name for name in _CLASSICAL_BY_STAGES.values()}
+    solvers |= {base_of[c]: FixedStepSolver(c.tableau) for c in bases}
+    with outside_fit_ignored():
+        baseline = pareto(run.model, run.x_test, run.ends, solvers=solvers, steps=steps, timing=False)
     bar.update()
     plan: Dict[type, List[int]] = {}
+    pruned: Dict[str, str] = {}
     for n in budgets:
-        best = min(
-            (r.terminal_error for r in baseline if r.nfe == n and r.solver in CLASSICAL.values()), default=math.inf
-        )
-        errors = {}
-        for cls in bases:
-            if n % cls.tableau.stages == 0:
-                rows = [r for r in baseline if r.solver == base_of[cls] and r.nfe == n]
-                errors[cls] = rows[0].terminal_error if rows else math.inf
+        classical = [r.terminal_error for r in baseline if r.nfe == n and r.solver in _CLASSICAL_BY_STAGES.values()]
+        best = min(classical, default=math.inf)
+        errors = {
+            cls: next((r.terminal_error for r in baseline if r.solver == base_of[cls] and r.nfe == n), math.inf)
+            for cls in bases
+            if n % cls.tableau.stages == 0
+        }
         if not errors:
             pruned[f"NFE {n}"] = "no base's stage count divides it"
             continue
         closest = min(errors, key=errors.get)
         for cls, error in errors.items():
             ratio = error / best if best > 0 else math.inf
-            if ratio > PRUNE_FACTOR and cls is not closest:  # the closest base is kept: every budget gets a choice
+            if ratio > PRUNE_FACTOR and cls is not closest:
                 pruned[f"{cls.__name__} at NFE {n}"] = (
                     f"its base solver's held-out error is {ratio:.3g}x the best classical solver's: g would have "
                     f"to learn the residual to better than 1/{ratio:.3g}"
                 )
                 continue
             plan.setdefault(cls, []).append(n // cls.tableau.stages)
-    plan = {cls: plan[cls] for cls in bases if cls in plan}  # the order of bases
     if not plan:
         raise ValueError(f"no candidate can be fitted for budgets {budgets}: {pruned}")
-    # 2. One harvest, as precise as the highest-order base needs.
-    steps_union = sorted({n for steps in plan.values() for n in steps})
-    top = max(plan, key=lambda c: c.tableau.order)
-    trajectories = harvest(model, x_fit, ends, steps=steps_union, base=top.tableau, device=device)
+    return _Plan({cls: plan[cls] for cls in bases if cls in plan}, pruned)
+
+
+def _harvest(run: _Run, plan: _Plan, bar: _Bar) -> Trajectories:
+    """Phase 2: one harvest of the fitting inputs, as precise as the highest-order base needs."""
+    steps = sorted({n for counts in plan.steps.values() for n in counts})
+    top = max(plan.steps, key=lambda c: c.tableau.order)
+    trajectories = harvest(run.model, run.x_fit, run.ends, steps=steps, base=top.tableau, device=run.device)
     bar.update()
-    # 3. Fit the candidates.
-    candidates: Dict[str, Tuple[HyperSolver, List[int]]] = {}
-    reports = {}
-    model_dtype = _model_dtype(model, x)
-    for cls, steps in plan.items():
-        options = [False] + ([True] if stage_aware and cls.tableau.stages > 1 else [])
-        for aware in options:
+    return trajectories
+
+
+@dataclass
+class _Candidate:
+    """A fitted hypersolver, the step counts it was fitted for, and its fit report."""
+
+    hs: HyperSolver
+    steps: List[int]
+    report: FitReport
+
+
+@dataclass
+class _Fitted:
+    """Phase 3: the candidates by label; those skipped for time, and why."""
+
+    candidates: Dict[str, _Candidate]
+    pruned: Dict[str, str]
+
+
+def _fit_candidates(run: _Run, trajectories: Trajectories, plan: _Plan, bar: _Bar) -> _Fitted:
+    """One g per base and option (a stage-aware g too, for a base of several stages)."""
+    candidates: Dict[str, _Candidate] = {}
+    pruned: Dict[str, str] = {}
+    for cls, steps in plan.steps.items():
+        for aware in [False] + ([True] if run.search.stage_aware and cls.tableau.stages > 1 else []):
             label = cls.__name__ + (" (stage-aware g)" if aware else "")
-            if candidates and over_time():  # the first candidate is always fitted
-                pruned[label] = f"not fitted: the {max_seconds:g} s budget was spent"
+            if candidates and run.out_of_time():  # the first candidate is always fitted
+                pruned[label] = run.skipped()
                 continue
-            with torch.random.fork_rng(devices=[]):  # g's initialisation is seeded; the caller's RNG is untouched
-                torch.manual_seed(seed)
-                g = make(cls, aware)
-            hs = cls(g)
             meshes = trajectories.replace(meshes={n: trajectories.meshes[n] for n in steps})
-            if model_dtype is not None:
-                hs = hs.to(model_dtype)
-            if hasattr(g, "standardize_") and getattr(g, "config", {}).get("scaled", False):
-                g.standardize_(residual_data(hs, meshes))
-            reports[label] = fit(hs, meshes, iterations=iterations, progress=False, seed=seed, device=device)
-            hs.eval()
-            candidates[label] = (hs, steps)
+            candidates[label] = _fit_one(run, cls, aware, meshes)
             bar.update()
-    # 4. Everyone on the held-out inputs.
-    all_steps = sorted(
-        {n // s for n in budgets for s in CLASSICAL if n % s == 0}
-        | {n for _, steps in candidates.values() for n in steps}
-    )
-    adaptive = ["dopri5"] if target is None else [target[0]]
+    return _Fitted(candidates, pruned)
+
+
+def _fit_one(run: _Run, cls: type, aware: bool, meshes: Trajectories) -> _Candidate:
+    """A fresh g (seeded; the caller's RNG untouched) for ``cls``, standardised when it scales its
+    own output, fitted with the search's recipe."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.search.seed)
+        g = run.make(cls, aware)
+    hs = cls(g)
+    if run.dtype is not None:
+        hs = hs.to(run.dtype)
+    if getattr(g, "scales_output", False) and hasattr(g, "standardize_"):
+        g.standardize_(residual_data(hs, meshes))
+    report = fit(hs, meshes, recipe=run.search.recipe, progress=False, seed=run.search.seed, device=run.device)
+    hs.eval()
+    return _Candidate(hs, meshes.steps, report)
+
+
+@dataclass
+class _Comparison:
+    """Phase 4: every candidate, the classical solvers and the adaptive one on the held-out inputs."""
+
+    table: ParetoResult
+    target_error: Optional[float]
+
+
+def _compare(
+    run: _Run, budgets: List[int], fitted: _Fitted, target: Optional[Tuple[str, float]], bar: _Bar
+) -> _Comparison:
+    """The held-out comparison (``pareto``, timed); hypersolver rows only at the steps they were fitted on."""
+    candidates = fitted.candidates
+    steps = {n // s for n in budgets for s in _CLASSICAL_BY_STAGES if n % s == 0}
+    steps |= {n for c in candidates.values() for n in c.steps}
+    adaptive = "dopri5" if target is None else target[0]
     tolerances = (1e-3, 1e-4) if target is None else tuple(sorted({1e-3, 1e-4, target[1]}, reverse=True))
-    solvers = {label: hs for label, (hs, _) in candidates.items()} | {n: n for n in CLASSICAL.values()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=OUTSIDE_FIT)
+    solvers = {label: c.hs for label, c in candidates.items()} | {n: n for n in _CLASSICAL_BY_STAGES.values()}
+    solvers[adaptive] = adaptive
+    with outside_fit_ignored():
         table = pareto(
-            model,
-            x_test,
-            ends,
-            solvers=solvers | {a: a for a in adaptive},
-            steps=all_steps,
+            run.model,
+            run.x_test,
+            run.ends,
+            solvers=solvers,
+            steps=sorted(steps),
             tolerances=tolerances,
-            labels=labels,
+            labels=run.labels,
             repeats=3,
         )
-    table.rows = [r for r in table.rows if r.kind != "hyper" or r.steps in candidates[r.solver][1]]
+    table.rows = [r for r in table.rows if r.kind != "hyper" or r.steps in candidates[r.solver].steps]
     bar.update()
-    target_error = None
-    if target is not None:
-        target_error = table.row(target[0], tol=target[1]).terminal_error
-    # 5. Per budget, the best candidate; then its time grid.
-    with preserved(module), torch.no_grad():
-        z_test = initial_state(x_test.to(trajectories.states.device))
-        ref_test = reference_solve(f, z_test, ends, table.reference, table.reference_tol, table.reference_tol)[-1]
+    target_error = None if target is None else table.row(target[0], tol=target[1]).terminal_error
+    return _Comparison(table, target_error)
+
+
+@dataclass
+class _Chosen:
+    """Phase 5: the choice per budget; the grids skipped for time, and why."""
+
+    choices: Dict[int, Choice]
+    pruned: Dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Ends:
+    """The held-out initial states and their references at the end; the fitting trajectories' ends."""
+
+    z_test: Tensor
+    ref_test: Tensor
+    z0: Tensor
+    z1: Tensor
+
+
+def _choose(
+    run: _Run, budgets: List[int], trajectories: Trajectories, fitted: _Fitted, table: ParetoResult, bar: _Bar
+) -> _Chosen:
+    """Per budget, a copy of the candidate with the lowest held-out error, with its time grid."""
+    with preserved(run.module), torch.no_grad():
+        z_test = run.initial_state(run.x_test.to(trajectories.states.device))
+        tol = table.reference_tol
+        ref_test = reference_solve(run.f, z_test, run.ends, table.reference, tol, tol)[-1]
+    ends = _Ends(z_test, ref_test, trajectories.states[0].to(z_test), trajectories.states[-1].to(z_test))
     choices: Dict[int, Choice] = {}
+    pruned: Dict[str, str] = {}
     for n in budgets:
         rows = [r for r in table if r.kind == "hyper" and r.nfe == n and math.isfinite(r.terminal_error)]
         if not rows:
             continue
         best = min(rows, key=lambda r: r.terminal_error)
-        hs = copy.deepcopy(candidates[best.solver][0])
-        uniform = torch.linspace(float(ends[0]), float(ends[1]), best.steps + 1).to(z_test)
-        uniform_error = _terminal_error(hs, f, z_test, ref_test, uniform)
-        mesh, error, learned = uniform, uniform_error, False
-        if grid and best.steps > 1:
-            if over_time():
-                pruned[f"time grid at NFE {n}"] = f"not fitted: the {max_seconds:g} s budget was spent"
-            else:
-                z0 = trajectories.states[0].to(z_test)
-                z1 = trajectories.states[-1].to(z_test)
-                with preserved(module):
-                    candidate = fit_time_grid(hs, f, z0, z1, uniform, best.steps, iterations=grid_iterations, seed=seed)
-                grid_error = _terminal_error(hs, f, z_test, ref_test, candidate)
-                if grid_error < GRID_GAIN * uniform_error:
-                    mesh, error, learned = candidate, grid_error, True
-            bar.update()
-        # the mesh travels with the solver (hs.time_grid, saved and loaded), learned or uniform
-        hs.validity = dataclasses.replace(hs.validity, **_dt_range(hs.validity, mesh))
-        hs.time_grid = mesh
-        choices[n] = Choice(n, best.solver, hs, mesh, best.steps, error, uniform_error, best.wall_ms, learned)
-    bar.close()
-    return TuneResult(
-        choices,
-        table,
-        pruned,
-        x_test,
-        order[:n_test],
-        target_error,
-        match,
-        time.perf_counter() - start,
-        {label: hs for label, (hs, _) in candidates.items()},
-        reports,
-    )
+        choices[n], skipped = _choice_at(run, n, best, fitted.candidates[best.solver].hs, ends, bar)
+        if skipped:
+            pruned[f"time grid at NFE {n}"] = skipped
+    return _Chosen(choices, pruned)
+
+
+def _choice_at(run: _Run, nfe: int, row, candidate: HyperSolver, ends: _Ends, bar: _Bar) -> Tuple[Choice, str]:
+    """The choice for budget ``nfe`` from its best ``row``: the uniform mesh, or a learned grid when it
+    lowers the held-out error by the ``GRID_GAIN``; and why no grid was fitted ('' when one was)."""
+    hs = copy.deepcopy(candidate)
+    uniform = torch.linspace(float(run.ends[0]), float(run.ends[1]), row.steps + 1).to(ends.z_test)
+    uniform_error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, uniform)
+    mesh, error, skipped = uniform, uniform_error, ""
+    if run.search.grid and row.steps > 1:
+        if run.out_of_time():
+            skipped = run.skipped()
+        else:
+            with preserved(run.module):
+                iterations, seed = run.search.grid_iterations, run.search.seed
+                grid = fit_time_grid(hs, run.f, ends.z0, ends.z1, uniform, row.steps, iterations=iterations, seed=seed)
+            grid_error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, grid)
+            if grid_error < GRID_GAIN * uniform_error:
+                mesh, error = grid, grid_error
+        bar.update()
+    # the mesh travels with the solver (hs.time_grid, saved and loaded), learned or uniform
+    hs.validity = dataclasses.replace(hs.validity, **_dt_range(hs.validity, mesh))
+    hs.time_grid = mesh
+    learned = mesh is not uniform
+    return Choice(nfe, row.solver, hs, mesh, row.steps, error, uniform_error, row.wall_ms, learned), skipped
 
 
 def _model_dtype(model, x: Tensor) -> Optional[torch.dtype]:
@@ -413,8 +604,7 @@ def _dt_range(validity, mesh: Tensor) -> Dict[str, float]:
 
 def _terminal_error(solver, f, z0: Tensor, ref: Tensor, mesh: Tensor) -> float:
     """Mean over the inputs of ``||z(t1) - ref||`` for a solve on ``mesh`` (the table's terminal error)."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=OUTSIDE_FIT)
+    with torch.no_grad(), outside_fit_ignored():
         final = fixed_solve(solver, f, z0, mesh.to(z0), return_trajectory=False)
     error = float((final - ref).flatten(1).norm(dim=1).mean())
     return error if math.isfinite(error) else math.inf
@@ -433,3 +623,11 @@ class _Bar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        advice, value = _DEPRECATED[name]
+        warnings.warn(f"torchdyn_hypersolvers.tuning.{name} is deprecated: {advice}", DeprecationWarning, stacklevel=2)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,11 @@
-"""A hypersolver's model card: the step sizes and state shape its g was fitted on.
+"""Where a hypersolver's g was fitted: step sizes, interval, direction, state shape and range.
 
-g learns the base solver's residual on the meshes it was fitted on; at other step
-sizes or on other states its correction is an extrapolation. ``fit`` (and ``load``)
-record a :class:`Validity` on the hypersolver; every solve checks it once (in
-``sync_device_dtype`` for torchdyn, in ``fixed_solve`` for the package's own solves,
-never per step) and warns outside the fitted range.
+g learns the base solver's residual on the meshes and states it was fitted on; elsewhere its
+correction is an extrapolation. ``fit`` (and ``load``) put a :class:`Validity` record on the
+hypersolver. Every solve checks it once, never per step, and warns with
+:class:`OutsideFitWarning` outside it; :func:`outside_fit_ignored` silences the check for a
+block of code. :class:`~.guard.Guarded` reads the state range per sample. The record is plain
+data: ``save`` writes it, ``load`` reads it back.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from ._outside_fit import TOLERANCE, OutsideFitWarning, outside_fit_ignored
 from ._records import validity_fields, validity_record
 
 __all__ = ["Validity", "OutsideFitWarning", "outside_fit_ignored", "describe"]
-
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class Validity:
 
     def with_state_range(self, states: Tensor) -> Validity:
         """This record with the per-feature range of ``states`` (``[..., N, *state_shape]``, e.g. a
-        :class:`Trajectories`' ``[T, N, ...]``) as where g was fitted in state space."""
+        :class:`~.harvest.Trajectories`' ``[T, N, ...]``) as where g was fitted in state space."""
         states = torch.as_tensor(states).detach()
         if states.is_complex():
             states = states.real
@@ -123,30 +123,25 @@ class Validity:
         return dataclasses.replace(self, state_min=tuple(lo.tolist()), state_max=tuple(hi.tolist()))
 
     @classmethod
-    def of_trajectories(cls, trajectories, report=None, how: Optional[str] = None) -> Validity:
-        """The record for a fit on ``trajectories`` (a :class:`Trajectories`), described with
-        ``report`` (a :class:`FitReport`) when given, or ``how`` (e.g. ``'residual fit'``)."""
+    def of_trajectories(cls, trajectories, how: Optional[str] = None, report=None) -> Validity:
+        """The record for a fit on ``trajectories`` (a :class:`~.harvest.Trajectories`), described as ``how``
+        (``'residual fit'``, or a fit report's ``describe()``).
+
+        ``report=`` (a fit report, also accepted in ``how``'s place: the form of earlier versions) is
+        described with its ``describe()``."""
+        texts = [x if isinstance(x, str) else x.describe() for x in (report, how) if x is not None]
+        how = texts[0] if texts else None
         dts = []
         for n in trajectories.steps:
             t_span, _ = trajectories.mesh(n)
             dts.append((t_span[1:] - t_span[:-1]).abs())
         start, end = float(trajectories.t[0]), float(trajectories.t[-1])
-        if report is not None:
-            how = f"{report.method} fit ({report.iterations} iterations)"
         what = f"{how} on " if how else "fitted on "
         text = (
             f"{what}{len(trajectories)} trajectories with states of shape {trajectories.state_shape}, "
             f"meshes of {trajectories.steps} steps from t={start:g} to t={end:g}, reference {trajectories.reference} "
             f"(atol={trajectories.atol:g}, rtol={trajectories.rtol:g})"
         )
-        if report is not None and report.residual_error:
-            errors = ", ".join(
-                f"{n} steps {report.residual_error[n]:.3g} (base {report.base_residual_error[n]:.3g})"
-                for n in sorted(report.residual_error)
-            )
-            text += f"; mean |g - R|: {errors}"
-        if report is not None and report.adversarial_worst:
-            text += f"; {len(report.adversarial_worst)} adversarial rounds"
         record = cls.of_steps(torch.cat(dts), trajectories.state_shape, text, start, end)
         return record.with_state_range(trajectories.states)
 
@@ -184,34 +179,12 @@ class Validity:
         )
 
 
-def _hypernet_text(g) -> str:
-    config = getattr(g, "config", None)
-    if isinstance(config, dict):
-        return f"{type(g).__name__}({', '.join(f'{k}={v!r}' for k, v in config.items())})"
-    return type(g).__name__
-
-
 def describe(hs) -> str:
-    """What a hypersolver is, what it was fitted on, and where it is valid."""
-    tableau = hs.tableau
-    lines = [
-        f"{type(hs).__name__}: base solver {tableau.name} (order {tableau.order}, {tableau.stages} "
-        f"f evaluation{'s' if tableau.stages > 1 else ''} per step) corrected by {_hypernet_text(hs.g)}, "
-        f"called with the {hs.convention!r} convention."
-    ]
-    validity: Optional[Validity] = getattr(hs, "validity", None)
-    if validity is None:
-        lines.append("No fitting record: fit(...) or load(...) sets one; solves are not checked against it.")
-    else:
-        if validity.description:
-            lines.append(f"Fitted: {validity.description}.")
-        lines.append(f"Valid for {validity.range_text()}; solves outside it warn.")
-        if validity.has_state_range:
-            lines.append(f"Fitted in state space on {validity.state_range_text()}; Guarded(...) can check against it.")
-    grid = hs.__dict__.get("_time_grid")
-    if grid is not None:
-        points = ", ".join(f"{v:.4g}" for v in grid)
-        lines.append(
-            f"Tuned for a time grid of {len(grid) - 1} steps: t = [{points}] (hs.time_grid; pass it as the t_span)."
-        )
-    return "\n".join(lines)
+    """Deprecated: ``hs.describe()`` (the text is :func:`~.solvers.describe`'s)."""
+    warnings.warn(
+        "torchdyn_hypersolvers.validity.describe is deprecated; call hs.describe() "
+        "(or torchdyn_hypersolvers.solvers.describe(hs))",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return hs.describe()
