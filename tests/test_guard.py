@@ -298,9 +298,9 @@ def test_fallback_evaluates_f_on_the_fallen_samples_or_on_the_batch():
     torch.testing.assert_close(seen[True], seen[False], rtol=0, atol=1e-12)
 
 
-def _multistage(base, scale):
+def _multistage(base, scale, inner=False):
     torch.manual_seed(0)
-    net = MultiStageHyperNet(MLPHyperNet(2, hidden=(16,)), MLPHyperNet(2, hidden=(16,))).double()
+    net = MultiStageHyperNet(MLPHyperNet(2, hidden=(16,)), MLPHyperNet(2, hidden=(16,)) if inner else None).double()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(scale * torch.randn_like(p))
@@ -310,7 +310,7 @@ def _multistage(base, scale):
 @pytest.mark.parametrize("base, plain", [("euler", Euler), ("heun", Heun)])
 def test_a_multistage_hypersolver_is_guarded(base, plain):
     f, z0 = Counted(), _z0()
-    zero = Guarded(_multistage(base, 0.0), atol=0.0, rtol=0.0)  # zero g and inner net: its base solver
+    zero = Guarded(_multistage(base, 0.0), atol=0.0, rtol=0.0)  # a zero g: its base solver
     with torch.no_grad():
         assert torch.equal(zero.solve(f, z0, T_SPAN), plain().solve(f, z0, T_SPAN))
     assert zero.summary().fallbacks == 0
@@ -321,11 +321,13 @@ def test_a_multistage_hypersolver_is_guarded(base, plain):
         assert (hs.solve(f, z0, T_SPAN) - plain().solve(f, z0, T_SPAN)).abs().max() > 1e-6  # the nets act
         _, by_odeint = odeint(f, z0, T_SPAN, solver=trusting)
     assert trusting.summary().fallbacks == 0 and torch.equal(by_odeint, hs.solve(f, z0, T_SPAN))
-    broken = MultiStageHyperSolver(base, MultiStageHyperNet(Garbage(), MLPHyperNet(2).double()))
+    broken = MultiStageHyperSolver(base, MultiStageHyperNet(Garbage()))
     guarded = Guarded(broken, warn_fraction=None)  # a nonsense outer g: dropped everywhere
     with torch.no_grad():
         assert torch.equal(guarded.solve(f, z0, T_SPAN), plain().solve(f, z0, T_SPAN))
     assert guarded.summary().fraction == 1.0
+    with pytest.raises(TypeError, match="cannot check MultiStageHyperSolver's inner net"):
+        Guarded(_multistage(base, 0.05, inner=True))  # its fallback would reuse the inner net's stages
 
 
 def test_save_unwraps_a_wrapped_solver(tmp_path):

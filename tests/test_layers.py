@@ -17,7 +17,8 @@ PACKAGE = pathlib.Path(th.__file__).parent
 # cycle (checked separately). Every module of the package must be listed.
 LAYERS = [
     {"_version", "_checks", "_progress", "_files", "_states", "tableaus", "metrics"},
-    {"_mesh", "_solver_names", "_costs", "_adjoint", "_precision", "_records", "_outside_fit", "_user_model"},
+    {"_mesh", "_solver_names", "_costs", "_adjoint", "_precision", "_records", "_outside_fit", "_user_model",
+     "_model_identity"},
     {"_reference", "hypernets", "validity", "_loop"},
     {"_residuals", "solvers"},
     {"_wrapped", "multistage", "registry", "_time_grid"},

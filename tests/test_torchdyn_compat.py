@@ -165,11 +165,16 @@ def dc_mlp():
 
 @pytest.mark.parametrize("pair", PAIR_NAMES)
 def test_repr(pair):
-    """NeuralODE's repr with our solver is a string naming the NFE, as with torchdyn's."""
+    """NeuralODE's repr with our solver names it and counts the NFE of a solve, as with torchdyn's."""
     td, ours = solvers(pair)
+    stages = ours.tableau.stages
     for solver in (td, ours):
-        text = repr(NeuralODE(mlp(), solver=solver))
-        assert isinstance(text, str) and "NFE" in text
+        model = NeuralODE(mlp(), solver=solver)
+        assert "NFE: 0" in repr(model)
+        model(torch.randn(3, 2), torch.linspace(0, 1, 5))  # 4 steps
+        text = repr(model)
+        assert f"NFE: {4 * stages}" in text and f"solver: {solver!r}".splitlines()[0] in text
+    assert ours.tableau.name in repr(NeuralODE(mlp(), solver=ours))
 
 
 @pytest.mark.parametrize("sensitivity", ["autograd", "interpolated_adjoint"])

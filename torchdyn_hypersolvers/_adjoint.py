@@ -11,11 +11,11 @@ from __future__ import annotations
 import sys
 import warnings
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["torchdyn_adjoint_solve", "solve_uncorrected"]
+__all__ = ["torchdyn_adjoint_solve", "torchdyn_vector_field", "solve_uncorrected"]
 
 
 def torchdyn_adjoint_solve() -> Optional[str]:
@@ -30,10 +30,8 @@ def torchdyn_adjoint_solve() -> Optional[str]:
     would be a guess (unbatched forward states are legal too); this chain is exact, costs one
     walk over a few frames per solve, and matches nothing else (the forward pass runs
     ``odeint`` from ``generic_odeint``, multiple shooting from ``odeint_mshooting``)."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_name == "sync_device_dtype":  # ours, a subclass's super() chain
-        frame = frame.f_back
-    if frame is None or frame.f_code.co_name != "odeint" or not _in_module(frame, "torchdyn.numerics.odeint"):
+    frame = _odeint_frame()
+    if frame is None:
         return None
     caller = frame.f_back
     if caller is None or caller.f_code.co_name != "backward" or not _in_module(caller, "torchdyn.numerics.sensitivity"):
@@ -43,17 +41,35 @@ def torchdyn_adjoint_solve() -> Optional[str]:
     return "interpolated_adjoint" if interpolated else "adjoint"
 
 
+def torchdyn_vector_field() -> Optional[Callable]:
+    """The vector field torchdyn's ``odeint`` was given, when the solve starting now is one of its
+    (call it from ``sync_device_dtype``; None otherwise): the hook is not handed f, the steps are."""
+    frame = _odeint_frame()
+    return None if frame is None else frame.f_locals.get("f")
+
+
+def _odeint_frame():
+    """torchdyn's ``odeint`` frame that called the ``sync_device_dtype`` hook running now, or None."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name == "sync_device_dtype":  # ours, a subclass's super() chain
+        frame = frame.f_back
+    if frame is None or frame.f_code.co_name != "odeint" or not _in_module(frame, "torchdyn.numerics.odeint"):
+        return None
+    return frame
+
+
 def _in_module(frame, module: str) -> bool:
     return frame.f_globals.get("__name__") == module
 
 
 def solve_uncorrected(state, sensitivity: str, solver: str, base: str) -> None:
     """Mark torchdyn's adjoint solve as uncorrected on ``state`` (a hypersolver's
-    :class:`~.solvers.SolveState`): its steps are the base solver's until the backward pass ends,
-    and a UserWarning says so, once per state. Call it from ``sync_device_dtype`` (the warning
-    points at torchdyn's ``odeint``)."""
-    state.uncorrected = True
-    _reset_after_backward(state)
+    :class:`~.solvers.SolveState`), for the calling thread (the one that runs the adjoint solve):
+    its steps are the base solver's until the backward pass ends, and a UserWarning says so, once
+    per state. Call it from ``sync_device_dtype`` (the warning points at torchdyn's ``odeint``)."""
+    current = getattr(state, "current", state)  # this thread's part of the state
+    current.uncorrected = True
+    _reset_after_backward(current)
     if state.adjoint_warned:
         return
     state.adjoint_warned = True
@@ -74,7 +90,8 @@ def solve_uncorrected(state, sensitivity: str, solver: str, base: str) -> None:
 
 def _reset_after_backward(state) -> None:
     """Set ``state.uncorrected`` back to False once this backward pass ends, so that a later direct
-    ``step()`` call is corrected (every solve also resets it)."""
+    ``step()`` call is corrected (every solve also resets it). ``state`` is one thread's part of a
+    solver's state, held by the callback: autograd may run the callback on another thread."""
     if state.reset_queued:
         return
     ref = weakref.ref(state)

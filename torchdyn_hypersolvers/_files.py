@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["check_folder", "read_plain", "write_atomic"]
+__all__ = ["check_folder", "check_writable", "read_plain", "write_atomic", "write_text_atomic"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -73,6 +73,31 @@ def write_atomic(blob: Any, path: PathLike, prefix: str = ".torchdyn-hypersolver
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text_atomic(text: str, path: PathLike, prefix: str = ".torchdyn-hypersolvers-", force: bool = False) -> None:
+    """``text`` (UTF-8) to ``path`` atomically, with the rules of :func:`write_atomic` (a link is followed,
+    a replaced file keeps its mode, a new one gets the umask's, a read-only one is refused unless ``force``)."""
+    path = check_folder(path)
+    mode = _mode_for(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_writable(path: PathLike, force: bool = False) -> str:
+    """``path`` resolved, after the checks :func:`write_atomic` makes before writing (its folder exists; a
+    read-only file is a ``PermissionError`` unless ``force``): call it on every file of a set before writing any."""
+    path = check_folder(path)
+    _mode_for(path, force)
+    return path
 
 
 def check_folder(path: PathLike) -> str:

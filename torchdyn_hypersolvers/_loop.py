@@ -4,18 +4,24 @@
 comparisons against the mesh and no host synchronisation inside the loop, keeps only
 the states asked for, and can compile the step or capture the whole solve as a CUDA
 graph. The compiled steps and graphs are cached per solver.
+
+A solver may be shared by threads that solve at once: the loop keeps its state in locals, a
+solver's per-solve state is per thread, and the cache below is safe to share (see :class:`_Cache`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Union
 
 import torch
 from torch import Tensor, nn
 
 from ._mesh import check_t_span, forward_time
+from ._outside_fit import check_model_of
 from ._states import check_state
+from ._user_model import check_vector_field
 from .tableaus import VectorField
 
 __all__ = ["fixed_solve"]
@@ -51,6 +57,7 @@ def fixed_solve(
         )
     if hasattr(stepper, "check_inputs"):
         stepper.check_inputs(z0, t_span)
+        check_model_of(stepper, f)
     else:  # a torchdyn solver
         check_state(z0)
     t_span = t_span.to(z0.device)
@@ -61,8 +68,12 @@ def fixed_solve(
     if cuda_graph:
         return _graphed(stepper, user_f, step, z0, t_span, ts, dts, return_trajectory)
     mode = torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext()
-    with mode:
-        return _loop(step, z0, ts, dts, return_trajectory)
+    try:
+        with mode:
+            return _loop(step, z0, ts, dts, return_trajectory)
+    except TypeError:
+        check_vector_field(user_f)  # a named error when f cannot be called as f(t, z); no cost otherwise
+        raise
 
 
 def _eager_step(stepper: nn.Module, f: VectorField) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -81,7 +92,17 @@ def _loop(step, z0: Tensor, ts, dts, return_trajectory: bool) -> Tensor:
 class _Cache(dict):
     """A solver's compiled steps and CUDA graphs. Kept on the solver instance (not in a global
     table), so that the solver and the vector fields it was compiled for are freed with it;
-    copies and pickles of the solver start with an empty one."""
+    copies and pickles of the solver start with an empty one.
+
+    Shared by the threads that share the solver. A compiled step is read-only once made (two
+    threads compiling the same one at once both get a working step; one is kept). A CUDA graph's
+    static input and output serve one solve at a time: ``lock`` is held while a graph is captured
+    or replayed, and a replay waits (on the device, not the host) until the previous one's output
+    was copied out, whichever stream it ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
 
     def __deepcopy__(self, memo) -> _Cache:
         return _Cache()
@@ -90,17 +111,19 @@ class _Cache(dict):
         return (_Cache, ())
 
 
-def _cache(stepper: nn.Module) -> dict:
-    return stepper.__dict__.setdefault("_fast_path_cache", _Cache())
+def _cache(stepper: nn.Module) -> _Cache:
+    cache = stepper.__dict__.get("_fast_path_cache")
+    return cache if cache is not None else stepper.__dict__.setdefault("_fast_path_cache", _Cache())
 
 
 def _compiled_step(stepper, user_f, f, backwards: bool, compile: Union[bool, str]):
     backend = "inductor" if compile is True else compile
     key = ("compiled", id(user_f), backwards, backend)
-    cache = _cache(stepper)
-    if key not in cache or cache[key][0] is not user_f:
-        cache[key] = (user_f, torch.compile(_eager_step(stepper, f), backend=backend, dynamic=False))
-    return cache[key][1]
+    entry = _cache(stepper).get(key)
+    if entry is None or entry[0] is not user_f:
+        entry = (user_f, torch.compile(_eager_step(stepper, f), backend=backend, dynamic=False))
+        _cache(stepper)[key] = entry
+    return entry[1]
 
 
 def _graphed(stepper, user_f, step, z0: Tensor, t_span: Tensor, ts, dts, return_trajectory: bool) -> Tensor:
@@ -110,22 +133,33 @@ def _graphed(stepper, user_f, step, z0: Tensor, t_span: Tensor, ts, dts, return_
         raise ValueError("cuda_graph=True is for inference: call it under torch.no_grad() or torch.inference_mode()")
     key = ("graph", id(user_f), tuple(z0.shape), z0.dtype, z0.device, tuple(t_span.tolist()), return_trajectory)
     cache = _cache(stepper)
-    if key not in cache or cache[key][0] is not user_f:
-        static_z0 = z0.detach().clone()
-        if hasattr(stepper, "record_initial_state"):  # a stage-aware g reads z0: the graph reads it here
-            stepper.record_initial_state(static_z0)
-        with torch.no_grad():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
-                for _ in range(2):
-                    _loop(step, static_z0, ts, dts, return_trajectory)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = _loop(step, static_z0, ts, dts, return_trajectory)
-        cache[key] = (user_f, graph, static_z0, static_out)
-    _, graph, static_z0, static_out = cache[key]
-    static_z0.copy_(z0)
-    graph.replay()
-    return static_out.clone()
+    with cache.lock:  # the graph's static buffers serve one solve at a time
+        entry = cache.get(key)
+        if entry is None or entry[0] is not user_f:
+            entry = cache[key] = _capture(stepper, user_f, step, z0, ts, dts, return_trajectory)
+        _, graph, static_z0, static_out, done = entry
+        stream = torch.cuda.current_stream()
+        stream.wait_event(done)  # the previous replay's output was copied out (a no-op before the first)
+        static_z0.copy_(z0)
+        graph.replay()
+        out = static_out.clone()
+        done.record(stream)
+    return out
+
+
+def _capture(stepper, user_f, step, z0: Tensor, ts, dts, return_trajectory: bool):
+    """Capture the solve as a CUDA graph: ``(user_f, graph, static z0, static output, event)``."""
+    static_z0 = z0.detach().clone()
+    if hasattr(stepper, "record_initial_state"):  # a stage-aware g reads z0: the graph reads it here
+        stepper.record_initial_state(static_z0)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
+            for _ in range(2):
+                _loop(step, static_z0, ts, dts, return_trajectory)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = _loop(step, static_z0, ts, dts, return_trajectory)
+    return user_f, graph, static_z0, static_out, torch.cuda.Event()

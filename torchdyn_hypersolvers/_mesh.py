@@ -32,8 +32,17 @@ def check_t_span(t_span) -> Tensor:
 
 def check_time_grid(grid) -> Tuple[float, ...]:
     """A time grid as a tuple of floats: at least two finite, strictly monotonic times (a ``ValueError``
-    naming the grid otherwise)."""
-    values = tuple(float(v) for v in torch.as_tensor(grid, dtype=torch.float64).reshape(-1).tolist())
+    naming the grid otherwise; one that is not 1-D is refused by its shape, never flattened)."""
+    try:
+        tensor = torch.as_tensor(grid, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"a time grid is a 1-D sequence of times, e.g. [0.0, 0.5, 1.0]; got {grid!r}") from err
+    if tensor.dim() != 1:
+        raise ValueError(
+            f"a time grid must be 1-D (one time per point), got shape {tuple(tensor.shape)}: pass the grid's "
+            "times as a flat list or a 1-D tensor, e.g. [0.0, 0.5, 1.0]"
+        )
+    values = tuple(float(v) for v in tensor.tolist())
     steps = [b - a for a, b in zip(values, values[1:])]
     if len(values) < 2 or not all(math.isfinite(v) for v in values) or not (
         all(d > 0 for d in steps) or all(d < 0 for d in steps)

@@ -15,7 +15,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -176,11 +176,15 @@ def clip_gradients(params: List[nn.Parameter], clip: float, where: str) -> None:
 
 
 @contextlib.contextmanager
-def fitting(hs: nn.Module) -> Iterator[None]:
+def fitting(hs: nn.Module, keep: Sequence[nn.Module] = ()) -> Iterator[None]:
     """g in training mode and no outside-the-fit warnings while g changes (:func:`outside_fit_ignored`);
-    the modes restored on exit, whatever happens. ``hs.validity`` is not touched."""
+    the modes restored on exit, whatever happens. ``hs.validity`` is not touched. The modules in
+    ``keep`` (the vector field, when g holds it) stay in the mode they are in."""
     modes = [(m, m.training) for m in hs.modules()]
+    kept = [(m, m.training) for module in keep for m in module.modules()]
     hs.train()
+    for m, flag in kept:  # parents before their children: each ends in its own mode
+        m.train(flag)
     try:
         with outside_fit_ignored():
             yield

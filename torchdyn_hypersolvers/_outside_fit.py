@@ -19,10 +19,22 @@ from typing import Iterator, List
 import torch
 from torch import Tensor
 
-__all__ = ["TOLERANCE", "OutsideFitWarning", "outside_fit_ignored", "check_solve", "outside_fit_problems"]
+from ._model_identity import check_model
+
+__all__ = [
+    "TOLERANCE",
+    "OutsideFitWarning",
+    "outside_fit_ignored",
+    "check_solve",
+    "check_model_of",
+    "outside_fit_problems",
+]
 
 TOLERANCE = 0.05
 """Relative slack beyond the fitted step-size range (and interval) before a solve warns."""
+
+STATE_MARGIN = 0.5
+"""Initial states further than this share of the harvested range's width outside it (per feature) warn."""
 
 _IGNORED = contextvars.ContextVar("torchdyn_hypersolvers_outside_fit_ignored", default=False)
 
@@ -67,14 +79,24 @@ def outside_fit_problems(validity, x: Tensor, t_span) -> List[str]:
     shape = tuple(x.shape[1:])
     if shape != validity.state_shape:
         problems.append(f"with states of shape {shape}")
+    elif validity.has_state_range and x.shape[0] > 0:
+        outside = int(validity.outside(x, STATE_MARGIN).sum())
+        if outside:
+            problems.append(
+                f"from {outside} of {x.shape[0]} initial states outside the harvested states' range "
+                f"(widened by {STATE_MARGIN:.0%} of its width per feature)"
+            )
     return problems
 
 
 def check_solve(solver, x: Tensor, t_span) -> None:
     """Warn (:class:`OutsideFitWarning`) when ``solver`` carries a validity record and a solve of
     ``x`` over ``t_span`` leaves it; nothing without a record or inside :func:`outside_fit_ignored`."""
+    if _IGNORED.get():
+        return
+    _check_g_weights(solver)
     validity = getattr(solver, "validity", None)
-    if validity is None or _IGNORED.get():
+    if validity is None:
         return
     problems = outside_fit_problems(validity, x, t_span)
     if problems:
@@ -84,6 +106,32 @@ def check_solve(solver, x: Tensor, t_span) -> None:
             OutsideFitWarning,
             stacklevel=_user_stacklevel(),
         )
+
+
+def _check_g_weights(solver) -> None:
+    """Warn (``RuntimeWarning``) when g holds nan or inf weights: every corrected step would be nan.
+    One host read per solve; never while fitting (the fit has its own divergence check)."""
+    g = getattr(solver, "hypernet", None)
+    params = [p for p in g.parameters() if p.is_floating_point()] if isinstance(g, torch.nn.Module) else []
+    if not params or bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+        return
+    names = [name for name, p in g.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    warnings.warn(
+        f"{type(solver).__name__}'s g holds nan or inf weights ({', '.join(names[:5])}): its corrections, and so "
+        "the solution, are not finite; refit or reload g (load refuses such files)",
+        RuntimeWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
+def check_model_of(solver, f) -> None:
+    """Warn (:class:`OutsideFitWarning`, once per model object) when ``solver``'s g was fitted on a
+    model with other weights than ``f``'s; nothing inside :func:`outside_fit_ignored` or for ``f=None``."""
+    if f is None or _IGNORED.get():
+        return
+    text = check_model(solver, f)
+    if text is not None:
+        warnings.warn(text, OutsideFitWarning, stacklevel=_user_stacklevel())
 
 
 _LIBRARY_PREFIXES = ("torchdyn_hypersolvers", "torchdyn", "torch", "torchdiffeq", "pytorch_lightning", "lightning")

@@ -99,6 +99,8 @@ def validity_record(validity) -> Dict[str, Any]:
         record.update(t0=float(validity.t0), t1=float(validity.t1))
     if validity.state_min is not None:
         record.update(state_min=list(validity.state_min), state_max=list(validity.state_max))
+    if validity.model is not None:
+        record.update(model=str(validity.model))
     return record
 
 
@@ -132,6 +134,10 @@ def validity_fields(record: Dict[str, Any]) -> Dict[str, Any]:
     for key in ("state_min", "state_max"):
         if record.get(key) is not None:
             fields[key] = _finite_numbers(record[key], f"{what}'s {key}")
+    if record.get("model") is not None:
+        if not isinstance(record["model"], str):
+            raise ValueError(f"{what}'s model must be a str (a digest), got {record['model']!r}")
+        fields["model"] = record["model"]
     return fields
 
 

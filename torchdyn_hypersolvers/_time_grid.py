@@ -8,6 +8,8 @@ against reference solutions; the solver (and its g) and the vector field do not 
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -17,8 +19,9 @@ from ._checks import check_int
 from ._loop import fixed_solve
 from ._mesh import check_t_span
 from ._outside_fit import outside_fit_ignored
+from ._user_model import owned_modules, preserved
 
-__all__ = ["grid_from_logits", "fit_time_grid"]
+__all__ = ["grid_from_logits", "fit_time_grid", "grid_collision"]
 
 LOGIT_BOUND = 4.0
 """Logits are kept in [-4, 4]: no step is more than e^8 (about 3000) times another, and no two
@@ -62,8 +65,13 @@ def fit_time_grid(
     check_int(iterations, "iterations", minimum=0)
     if z0.shape != z1.shape:
         raise ValueError(f"z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+    _check_states(z0, "z0")
+    _check_states(z1, "z1")
     span = check_t_span(t_span)
     t0, t1 = span[0].to(z0), span[-1].to(z0)
+    collision = grid_collision(steps, span[0], span[-1], z0.dtype)
+    if collision:
+        raise ValueError(collision)
     logits = torch.zeros(steps, dtype=z0.dtype, device=z0.device, requires_grad=True)
     optimizer = torch.optim.Adam([logits], lr=lr)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -72,15 +80,17 @@ def fit_time_grid(
     modes = [(m, m.training) for m in solver.modules()]
     solver.eval()
     try:
-        with outside_fit_ignored():  # the grid moves through step sizes between the fitted ones: no warnings
-            for _ in range(iterations):
+        # f's modules: eval mode, and every parameter and buffer put back (a BatchNorm's running statistics)
+        with preserved(*owned_modules(f), restore=True), outside_fit_ignored():  # between fitted steps: no warnings
+            for iteration in range(iterations):
                 index = torch.randperm(len(z0), generator=generator)[:batch_size].to(z0.device)
                 grid = grid_from_logits(logits, t0, t1)
                 final = fixed_solve(solver, f, z0[index], grid, return_trajectory=False)
                 loss = (final - z1[index]).flatten(1).norm(dim=1).mean()
                 (grad,) = torch.autograd.grad(loss, [logits])
                 if not bool(torch.isfinite(loss) and torch.isfinite(grad).all()):
-                    break  # the solve blew up on this grid: go back to the last logits whose solve was finite
+                    _warn_non_finite(iteration, iterations, loss)  # go back to the last logits whose solve was finite
+                    break
                 good = logits.detach().clone()
                 logits.grad = grad
                 optimizer.step()
@@ -92,3 +102,46 @@ def fit_time_grid(
         for module, flag in modes:
             module.train(flag)
     return grid_from_logits(good, t0, t1)
+
+
+def grid_collision(steps: int, t0, t1, dtype: torch.dtype) -> str:
+    """Why ``steps`` steps on ``[t0, t1]`` cannot be told apart in ``dtype`` ('' when they can): the
+    smallest step a grid may take (logits at the bound) is not above the spacing of ``dtype``'s
+    numbers at the interval's larger end, so a learned grid would hold repeated times."""
+    t0, t1 = float(t0), float(t1)
+    smallest = abs(t1 - t0) / (1.0 + (steps - 1) * math.exp(2 * LOGIT_BOUND))  # one logit at -bound, the rest at +
+    spacing = torch.finfo(dtype).eps * max(abs(t0), abs(t1))
+    if smallest > spacing:
+        return ""
+    name = str(dtype).replace("torch.", "")
+    return (
+        f"{steps} steps on [{t0:.10g}, {t1:.10g}] collide at {name} resolution: a learned grid's smallest step "
+        f"({smallest:.3g}) is not above the spacing of {name} times near {max(abs(t0), abs(t1)):.3g} ({spacing:.3g}); "
+        "use float64 or shift t (an interval that starts near 0), or fewer steps"
+    )
+
+
+def _check_states(z: Tensor, name: str) -> None:
+    """Refuse (``ValueError``, with the rows) empty states or states with nan or inf."""
+    if z.dim() == 0 or len(z) == 0:
+        raise ValueError(f"{name} is empty (0 rows, shape {tuple(z.shape)}): pass states [N, ...] with N >= 1")
+    if not (z.is_floating_point() or z.is_complex()):
+        return
+    bad = (~torch.isfinite(z.reshape(len(z), -1))).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        rows = f"{bad[:10]}"[:-1] + (", ...]" if len(bad) > 10 else "]")
+        raise ValueError(
+            f"{name} has non-finite (nan or inf) values in {len(bad)} of {len(z)} rows (rows {rows}): a grid cannot "
+            "be fitted to them; remove or repair those rows"
+        )
+
+
+def _warn_non_finite(iteration: int, iterations: int, loss: Tensor) -> None:
+    what = "loss" if not math.isfinite(float(loss)) else "gradient"
+    warnings.warn(
+        f"fit_time_grid: the {what} became non-finite (nan or inf) at iteration {iteration + 1} of {iterations} "
+        "(the solve blew up on that grid, or f returned nan); the last finite grid is returned"
+        + (" (the uniform grid)" if iteration == 0 else ""),
+        UserWarning,
+        stacklevel=3,
+    )

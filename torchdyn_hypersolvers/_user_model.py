@@ -12,7 +12,15 @@ import torch
 from torch import Tensor, nn
 from torchdyn.core import NeuralODE
 
-__all__ = ["resolve_model", "preserved", "module_device", "owned_modules", "closure_state", "check_vector_field"]
+__all__ = [
+    "resolve_model",
+    "preserved",
+    "module_device",
+    "owned_modules",
+    "closure_state",
+    "check_vector_field",
+    "check_field_output",
+]
 
 
 class _ReachedNeuralODE(Exception):
@@ -61,18 +69,20 @@ def resolve_model(model) -> Tuple[Callable, Callable[[Tensor], Tensor], Optional
 
 
 def check_vector_field(fn: Callable) -> None:
-    """Refuse (``TypeError``) a callable that cannot be called as ``f(t, z)``."""
+    """Refuse (``TypeError``) a callable that cannot be called as ``f(t, z)`` (a module: its ``forward``)."""
+    target = fn.forward if isinstance(fn, nn.Module) else fn
     try:
-        signature = inspect.signature(fn)
+        signature = inspect.signature(target)
     except (TypeError, ValueError):
         return  # a builtin or C extension without a signature: nothing to check
     try:
         signature.bind(0.0, 0.0)
     except TypeError:
-        name = getattr(fn, "__qualname__", type(fn).__name__)
+        name = f"{type(fn).__name__}.forward" if isinstance(fn, nn.Module) else getattr(fn, "__qualname__", repr(fn))
         raise TypeError(
             f"{name}{signature} is not a vector field f(t, z): it is called with two arguments, the time t "
-            "and the state z (write it as def f(t, z), or pass a NeuralODE or an nn.Module)"
+            "and the state z (write it as def f(t, z) or lambda t, z: net(z), or pass a NeuralODE, which wraps "
+            "a module that takes the state only)"
         ) from None
 
 
@@ -176,13 +186,16 @@ def _prefix_of(model: nn.Module, node: NeuralODE) -> Callable[[Tensor], Tensor]:
 
 
 @contextlib.contextmanager
-def preserved(*modules: Optional[nn.Module], freeze: bool = True) -> Iterator[None]:
+def preserved(*modules: Optional[nn.Module], freeze: bool = True, restore: bool = False) -> Iterator[None]:
     """Within the block: eval mode, parameters frozen (no gradient), torchdyn NFE counters
-    untouched. On exit every training flag, ``requires_grad`` and counter is restored."""
+    untouched. On exit every training flag, ``requires_grad`` and counter is restored; with
+    ``restore``, every parameter and buffer is also put back to its value on entry (a copy is kept),
+    so that nothing run inside can leave the user's model changed."""
     modules = [m for m in modules if isinstance(m, nn.Module)]
     training = [(m, m.training) for mod in modules for m in mod.modules()]
     grads = [(p, p.requires_grad) for mod in modules for p in mod.parameters()] if freeze else []
     counters = [(m, m.nfe) for mod in modules for m in mod.modules() if hasattr(m, "nfe")]
+    saved = _saved_tensors(modules) if restore else []
     try:
         for mod in modules:
             mod.eval()
@@ -196,3 +209,29 @@ def preserved(*modules: Optional[nn.Module], freeze: bool = True) -> Iterator[No
             p.requires_grad_(flag)
         for m, nfe in counters:
             m.nfe = nfe
+        with torch.no_grad():
+            for tensor, value in saved:
+                if tensor.shape == value.shape and not torch.equal(tensor, value):
+                    tensor.copy_(value)
+
+
+def _saved_tensors(modules: List[nn.Module]) -> List[Tuple[Tensor, Tensor]]:
+    """Every parameter and buffer of ``modules`` (each once) with a copy of its value."""
+    seen: Dict[int, Tensor] = {}
+    for mod in modules:
+        for tensor in (*mod.parameters(), *mod.buffers()):
+            seen.setdefault(id(tensor), tensor)
+    with torch.no_grad():
+        return [(tensor, tensor.detach().clone()) for tensor in seen.values()]
+
+
+def check_field_output(f: Callable, t: Tensor, z: Tensor) -> None:
+    """Refuse (``ValueError``, with both shapes) a vector field whose ``f(t, z)`` is not a tensor shaped like ``z``."""
+    dz = f(t.to(z), z)
+    if isinstance(dz, Tensor) and dz.shape == z.shape:
+        return
+    got = f"shape {tuple(dz.shape)}" if isinstance(dz, Tensor) else f"a {type(dz).__name__}"
+    raise ValueError(
+        f"the vector field returned {got} for states of shape {tuple(z.shape)}: f(t, z) must return dz/dt, "
+        "a tensor shaped like z (check the width of its last layer, or that the state is what it expects)"
+    )

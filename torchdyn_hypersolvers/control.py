@@ -127,17 +127,9 @@ def rollout(
 
     Gradients flow through every solver (train a controller through it).
     """
-    check_int(substeps, "substeps")
-    t_span = torch.as_tensor(t_span, dtype=x0.dtype, device=x0.device)
-    if t_span.dim() != 1 or t_span.numel() < 2 or not bool((t_span[1:] > t_span[:-1]).all()):
-        raise ValueError(f"t_span must be increasing control instants (at least two), got {t_span.tolist()}")
+    t_span = _control_instants(t_span, x0, substeps)
+    _check_sampled(controller, t_span.numel() - 1, x0.shape[0], system.control_dim)
     kind, stepper = resolve_solver(solver)
-    intervals = t_span.numel() - 1
-    if isinstance(controller, Tensor) and controller.dim() == 3 and controller.shape[0] != intervals:
-        raise ValueError(
-            f"sampled controls of shape {tuple(controller.shape)} hold {controller.shape[0]} intervals, but t_span "
-            f"has {t_span.numel()} control instants ({intervals} intervals): give one control per interval"
-        )
     x, xs, us = x0, [x0], []
     h = (t_span[1:] - t_span[:-1]) / substeps  # every step's time and size, once (no arithmetic per step)
     step_times = (t_span[:-1, None] + torch.arange(substeps).to(t_span) * h[:, None]).unbind(0)
@@ -155,7 +147,48 @@ def rollout(
         x = system.split(z)[0]
         xs.append(x)
         us.append(u)
-    return Rollout(t_span, torch.stack(xs), torch.stack(us))
+    controls = torch.stack(us)
+    _check_finite_controls(controls, t_span)
+    return Rollout(t_span, torch.stack(xs), controls)
+
+
+def _control_instants(t_span, x0: Tensor, substeps: int) -> Tensor:
+    """The control instants as a tensor in ``x0``'s (floating) dtype and device, checked."""
+    check_int(substeps, "substeps")
+    if not isinstance(x0, Tensor) or not x0.is_floating_point():
+        got = x0.dtype if isinstance(x0, Tensor) else type(x0).__name__
+        raise TypeError(f"rollout needs floating-point initial states x0, got {got}; cast them, e.g. x0.float()")
+    t_span = torch.as_tensor(t_span, dtype=x0.dtype, device=x0.device)
+    if t_span.dim() != 1 or t_span.numel() < 2 or not bool((t_span[1:] > t_span[:-1]).all()):
+        raise ValueError(f"t_span must be increasing control instants (at least two), got {t_span.tolist()}")
+    return t_span
+
+
+def _check_sampled(controller: Controller, intervals: int, batch: int, control_dim: int) -> None:
+    """Refuse sampled controls ``[K, B, m]`` that do not hold one control per interval and sample."""
+    if not (isinstance(controller, Tensor) and controller.dim() == 3):
+        return
+    if controller.shape[0] != intervals:
+        raise ValueError(
+            f"sampled controls of shape {tuple(controller.shape)} hold {controller.shape[0]} intervals, but t_span "
+            f"has {intervals + 1} control instants ({intervals} intervals): give one control per interval"
+        )
+    if controller.shape[1] not in (1, batch) or controller.shape[2] != control_dim:
+        raise ValueError(
+            f"sampled controls of shape {tuple(controller.shape)} do not match {batch} initial states and "
+            f"control_dim={control_dim}: give them the shape [{intervals}, {batch}, {control_dim}]"
+        )
+
+
+def _check_finite_controls(controls: Tensor, t_span: Tensor) -> None:
+    """Refuse, after the loop (one host read per rollout), controls that are nan or inf."""
+    bad = ~torch.isfinite(controls.detach().reshape(controls.shape[0], -1)).all(1)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        raise ValueError(
+            f"the controller returned nan or inf at control instant {k} (t={float(t_span[k]):.6g}) and "
+            f"{int(bad.sum()) - 1} later ones: the rollout's states are not defined from there"
+        )
 
 
 def _adaptive_interval(system: ControlledSystem, z: Tensor, t0: Tensor, t1: Tensor, solver: str, atol, rtol) -> Tensor:

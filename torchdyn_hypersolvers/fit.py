@@ -467,7 +467,7 @@ def fit(
         noise = _target_noise(hs, trajectories, data, f, noise_sample) if method == "residual" else {}
         _warn_noise(noise, trajectories, noise_sample)
         batches = _Batches(hs, f, method, recipe, data, trajectories, adversarial=adversarial, seed=seed)
-        with fitting(hs):
+        with fitting(hs, keep=owned_modules(f)):
             history = _optimise(params, batches.loss_at, recipe, method, progress)
             if recipe.refine:
                 history += _refine(hs, batches.trajectories, f, params, recipe, progress)
@@ -498,14 +498,16 @@ def _check_arguments(hs: HyperSolver, trajectories: Trajectories, method: str, a
 
 def _placed(hs: HyperSolver, trajectories: Trajectories, device) -> Tuple[Trajectories, Callable, List[nn.Parameter]]:
     """g and the trajectories moved to ``device`` (default: the trajectories'), their f there (a copy of
-    a module that lives elsewhere: the user's model stays where it is), and g's trainable parameters."""
+    a module that lives elsewhere: the user's model stays where it is), and g's trainable parameters (not f's,
+    when g holds f)."""
     device = torch.device(device) if device is not None else trajectories.states.device
     hs.to(device)
     trajectories = trajectories.to(device)
     f = trajectories.f
     if isinstance(f, nn.Module) and module_device(f, device) != device:
         f = copy.deepcopy(f).to(device)
-    params = [p for p in hs.parameters() if p.requires_grad]
+    fields = {id(p) for m in (*owned_modules(trajectories.f), *owned_modules(f)) for p in m.parameters()}
+    params = [p for p in hs.parameters() if p.requires_grad and id(p) not in fields]  # never f's, if g holds f
     if not params:
         raise ValueError(f"the hypersolver's g ({type(hs.g).__name__}) has no trainable parameters")
     return trajectories, f, params

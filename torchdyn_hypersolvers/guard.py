@@ -19,9 +19,9 @@ correction) the base step's. For an Euler base on a first step this is Heun's er
 ``|D| > ratio * |D - c| + atol + rtol * |z|`` (per sample; NaN counts as unreliable) the
 sample's step is redone with the base solver, exactly, and counted.
 
-The step is read through the hypersolver's :meth:`~.solvers.HyperSolver.step_parts`: for a
-:class:`~.multistage.MultiStageHyperSolver` the base step is the one with corrected stages, and
-what is checked (and dropped) is the outer g's correction.
+The step is read through the hypersolver's :meth:`~.solvers.HyperSolver.step_parts`, so a
+:class:`~.multistage.MultiStageHyperSolver` without an inner net is guarded like any hypersolver;
+one with an inner net is refused (its stages are not the base tableau's: the fallback would reuse them).
 
 Cost: per step, f at the base's stages and once at the step's end point, which is reused as the
 next step's first stage: the base solver's evaluations per step, plus one per solve, when nothing
@@ -33,6 +33,7 @@ in steps where some sample fell back). The decision needs one small device-to-ho
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
@@ -134,6 +135,29 @@ class _GuardedSolve:
         return (type(None), ())
 
 
+class _ThreadRuns:
+    """Each thread's current (or last) guarded solve: a guard shared by threads counts each thread's
+    solves apart. Copies and pickles of the guard start with none."""
+
+    __slots__ = ("_local",)
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self) -> Optional[_GuardedSolve]:
+        return getattr(self._local, "run", None)
+
+    def set(self, run: _GuardedSolve) -> _GuardedSolve:
+        self._local.run = run
+        return run
+
+    def __deepcopy__(self, memo) -> _ThreadRuns:
+        return _ThreadRuns()
+
+    def __reduce__(self):
+        return (_ThreadRuns, ())
+
+
 class _CheckedStep(NamedTuple):
     """One corrected step and the guard's verdict on it."""
 
@@ -158,7 +182,8 @@ class Guarded(WrappedSolver):
     A torchdyn fixed-step solver (``NeuralODE(f, solver=Guarded(hs))``, ``odeint``) and a package
     solver (``Guarded(hs).solve(f, z0, t_span)``); its cost is in the module's description. After a
     solve, :meth:`summary` says how many sample-steps fell back; a ``UserWarning`` says so at the end
-    of a solve when more than ``warn_fraction`` of them did.
+    of a solve when more than ``warn_fraction`` of them did. One guard may be shared by threads that
+    solve at once: each solve's counts (and the hypersolver's per-solve state) are its thread's.
 
     Args:
         hypersolver: the :class:`~.solvers.HyperSolver` to guard (its g, validity record and
@@ -197,8 +222,15 @@ class Guarded(WrappedSolver):
             raise TypeError("the hypersolver is already guarded; pass its .hypersolver to guard it differently")
         super().__init__(hypersolver)
         _check_arguments(type(hypersolver), ratio, atol, rtol, margin, warn_fraction)
+        if getattr(hypersolver, "corrects_stages", False):
+            raise TypeError(
+                f"Guarded cannot check {type(hypersolver).__name__}'s inner net: it changes the stages the "
+                "fallback would reuse, so a broken inner net would go unnoticed; guard a multi-stage solver "
+                "without an inner net (MultiStageHyperNet(outer))"
+            )
         self.ratio, self.atol, self.rtol = float(ratio), float(atol), float(rtol)
         self.margin, self.warn_fraction, self.per_sample = margin, warn_fraction, bool(per_sample)
+        self.__dict__["_runs"] = _ThreadRuns()
 
     def describe(self) -> str:
         """The hypersolver's description and the guard's settings."""
@@ -236,10 +268,10 @@ class Guarded(WrappedSolver):
 
     def _start(self, x: Tensor, t_span: Tensor) -> None:
         record = self.validity
-        outside = None
-        if record is not None and record.has_state_range and _per_sample(x).shape[1] == len(record.state_min):
-            outside = record.outside(x, self.margin or 0.0).sum()
-        run = self.__dict__["_run"] = _GuardedSolve(t_span.numel() - 1, _per_sample(x).shape[0], x.device, outside)
+        outside, samples = None, _per_sample(x)
+        if record is not None and record.has_state_range and samples.shape[1] == len(record.state_min):
+            outside = record.outside(x, self.margin or 0.0).sum() if samples.shape[0] else torch.tensor(0)
+        run = _runs(self).set(_GuardedSolve(t_span.numel() - 1, samples.shape[0], x.device, outside))
         if x.device.type != "cpu":  # the quadrature weights of every step at once: no per-step scalar kernels
             with torch.no_grad():
                 run.weights = _mesh_weights(t_span.to(x.device))
@@ -252,10 +284,11 @@ class Guarded(WrappedSolver):
         return super().solve(f, z0, t_span, return_trajectory, **fast)
 
     def summary(self) -> GuardSummary:
-        """What the last solve (or the steps since it began) did: fallbacks and evaluations of f."""
-        run: Optional[_GuardedSolve] = self.__dict__.get("_run")
+        """What the calling thread's last solve (or the steps since it began) did: fallbacks and
+        evaluations of f."""
+        run = _runs(self).get()
         if run is None:
-            raise RuntimeError("Guarded.summary(): no solve yet; solve with this solver first")
+            raise RuntimeError("Guarded.summary(): no solve yet (in this thread); solve with this solver first")
         outside = int(run.outside) if run.outside is not None else None
         return GuardSummary(run.index, run.batch, run.fallbacks, run.per_sample.detach().cpu(), run.nfe, outside)
 
@@ -264,10 +297,11 @@ class Guarded(WrappedSolver):
         hs = self._modules["hypersolver"]
         if not hs.correcting or not isinstance(x, Tensor):  # torchdyn's adjoint solve, a dict state
             return hs.step(f, x, t, dt, k1, args)
-        run: Optional[_GuardedSolve] = self.__dict__.get("_run")
+        runs = _runs(self)
+        run = runs.get()  # this thread's solve
         batch = x.shape[0] if x.dim() > 1 else 1
         if run is None or run.batch != batch:  # a step outside a solve
-            run = self.__dict__["_run"] = _GuardedSolve(None, batch, x.device, None)
+            run = runs.set(_GuardedSolve(None, batch, x.device, None))
         cached = run.cached_k1(f, x) if k1 is None else None
         t_next = t + dt
         if cached is None:
@@ -330,11 +364,12 @@ def _keeps_correction(guard: Guarded, x, increment, c, k, k_next, previous, weig
     """Per sample, whether g's correction is kept: ``[B]`` bool (False also where non-finite)."""
     with torch.no_grad():  # a decision: nothing here is differentiated
         defect = _defect(increment, k, k_next, previous, weights)
-        batch = x.shape[0] if x.dim() > 1 else 1
-        norms = torch.linalg.vector_norm(torch.stack((defect + c, defect, x)).reshape(3, batch, -1), dim=2)
+        stacked = torch.stack((defect + c, defect, x))
+        stacked = stacked.flatten(2) if x.dim() > 1 else stacked.reshape(3, 1, -1)
+        norms = torch.linalg.vector_norm(stacked, dim=2)
         # |corrected| - ratio |base| - rtol |z| <= atol
         ok = _coefficients(guard, norms) @ norms <= guard.atol
-        if guard.margin is not None:
+        if guard.margin is not None and ok.numel():
             record = guard.validity
             if record is not None and record.has_state_range:
                 ok = ok & ~record.outside(x, guard.margin)
@@ -401,8 +436,14 @@ def _warn_fallbacks(guard: Guarded, run: _GuardedSolve) -> None:
 
 
 def _per_sample(x: Tensor) -> Tensor:
-    """``x`` as ``[B, features]`` (an unbatched state is one sample)."""
-    return x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
+    """``x`` as ``[B, features]`` (an unbatched state is one sample; a batch may be empty)."""
+    return x.flatten(1) if x.dim() > 1 else x.reshape(1, -1)
+
+
+def _runs(guard: Guarded) -> _ThreadRuns:
+    """The guard's per-thread solves (made here for a guard built without ``__init__``)."""
+    runs = guard.__dict__.get("_runs")
+    return runs if runs is not None else guard.__dict__.setdefault("_runs", _ThreadRuns())
 
 
 def _number(value) -> bool:

@@ -17,6 +17,7 @@ from torch import Tensor
 from ._checks import check_int
 from ._files import check_folder, read_plain, write_atomic
 from ._mesh import check_t_span, mesh_union
+from ._model_identity import update_digest
 from ._precision import FLOAT64_BELOW, float64_field, precise_tolerance
 from ._reference import NonFiniteSolveError, Reference, reference_solve
 from ._solver_names import resolve_base
@@ -361,7 +362,7 @@ def _initial_states(inputs, initial_state, module, batch_size: int, max_trajecto
                 f"all inputs), {len(rows)} in all; an adaptive reference solver cannot integrate them: "
                 "remove or repair those inputs"
             )
-        _update(digest, z0)
+        update_digest(digest, z0)
         z0s.append(z0)
         count += z0.shape[0]
         if max_trajectories is not None and count >= max_trajectories:
@@ -369,13 +370,6 @@ def _initial_states(inputs, initial_state, module, batch_size: int, max_trajecto
     if not z0s:
         raise ValueError("harvest got no inputs")
     return z0s, digest.hexdigest()
-
-
-def _update(digest, tensor: Tensor) -> None:
-    tensor = tensor.detach()
-    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-    if tensor.device.type != "meta":
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _model_digest(f: Callable, owned: List[torch.nn.Module]) -> str:
@@ -393,9 +387,9 @@ def _model_digest(f: Callable, owned: List[torch.nn.Module]) -> str:
         digest.update(f"module {type(module).__qualname__}".encode())
         for name, tensor in (*module.named_parameters(), *module.named_buffers()):
             digest.update(name.encode())
-            _update(digest, tensor)
+            update_digest(digest, tensor)
     for tensor in tensors:
-        _update(digest, tensor)
+        update_digest(digest, tensor)
     return digest.hexdigest()
 
 
@@ -431,8 +425,8 @@ def _update_code(digest, code) -> None:
 
 def _mesh_digest(t: Tensor, meshes: Dict[int, Tensor]) -> str:
     digest = hashlib.sha256()
-    _update(digest, t.double())
+    update_digest(digest, t.double())
     for n in sorted(meshes):
         digest.update(str(n).encode())
-        _update(digest, meshes[n])
+        update_digest(digest, meshes[n])
     return digest.hexdigest()

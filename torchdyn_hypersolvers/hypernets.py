@@ -258,6 +258,36 @@ def _stack(layer: Callable[[int, int], nn.Module], widths: Sequence[int], out: i
     return nn.Sequential(*modules)
 
 
+SCALE_FLOOR = 1e-2
+"""A scaled hypernet's scale of a feature is at least this fraction of the larger of the features' overall
+spread and the feature's own mean size: a (nearly) constant feature is not divided by its tiny spread."""
+
+
+def _floored_std(values: Tensor) -> Tensor:
+    """The per-feature standard deviation of ``values`` ``[N, D]``, at least ``SCALE_FLOOR`` times the
+    larger of the root mean square of all the features' deviations and the feature's ``|mean|`` (and 1
+    where both are zero)."""
+    std = (values.std(0) if len(values) > 1 else torch.zeros_like(values[0])).nan_to_num(0.0)
+    size = torch.maximum(values.mean(0).abs(), std.square().mean().sqrt())
+    floor = torch.where(torch.isfinite(size) & (size > 0), SCALE_FLOOR * size, torch.ones_like(size))
+    return std.maximum(floor.clamp_min(torch.finfo(std.dtype).tiny))
+
+
+def _check_residual_data(data) -> None:
+    """Refuse what :meth:`MLPHyperNet.standardize_` cannot read: not residual data, or none."""
+    if not all(hasattr(data, name) for name in ("z", "dz", "target", "dt")):
+        what = "a Trajectories" if hasattr(data, "states") and hasattr(data, "meshes") else type(data).__name__
+        raise TypeError(
+            f"standardize_ reads the residual data g will be fitted on, got {what}: "
+            "pass residual_data(hs, trajectories) (from torchdyn_hypersolvers.fit)"
+        )
+    if data.z.numel() == 0 or data.target.numel() == 0:
+        raise ValueError(
+            f"standardize_ got empty residual data (states of shape {tuple(data.z.shape)}): no scales can be "
+            "set from it; pass residual_data(hs, trajectories) of trajectories that hold at least one state"
+        )
+
+
 class _TemplateHyperNet(nn.Module):
     """A ready-made g: ``net([z, dz, dt(, t)])``, or with ``stages = s >= 2``
     ``net([z, k_1, ..., k_s, z0, dt(, t)])`` (the ``'stages'`` convention), for states of
@@ -369,18 +399,23 @@ class MLPHyperNet(_TemplateHyperNet):
     @torch.no_grad()
     def standardize_(self, data) -> MLPHyperNet:
         """Set the scales of a ``scaled=True`` hypernet from :func:`~.fit.residual_data` (the
-        states, f values, step sizes and residual targets g will be fitted on); returns self."""
+        states, f values, step sizes and residual targets g will be fitted on); returns self.
+
+        A (nearly) constant feature gets a scale of ``SCALE_FLOOR`` times the larger of the
+        features' overall spread and its own mean size (1 when both are zero), not its own tiny
+        spread: a state off that constant value then stays a moderate input to g."""
         if not self.config.get("scaled", False):
             raise ValueError(f"{self._settings()} has no scales to set: build it with scaled=True")
+        _check_residual_data(data)
         z, dz, target = (x.flatten(0, 1) for x in (data.z, data.dz, data.target))
         out = target[:, : self.out_std.numel()]
         tiny = torch.finfo(self.z_std.dtype).tiny
         for name, value in (
             ("z_mean", z.mean(0)),
-            ("z_std", z.std(0).clamp_min(tiny)),
-            ("dz_std", dz.std(0).clamp_min(tiny)),
+            ("z_std", _floored_std(z)),
+            ("dz_std", _floored_std(dz)),
             ("dt_mean", data.dt.abs().mean().clamp_min(tiny)),
-            ("out_std", out.std(0).clamp_min(tiny)),
+            ("out_std", _floored_std(out)),
         ):
             getattr(self, name).copy_(value.nan_to_num(1.0))
         return self

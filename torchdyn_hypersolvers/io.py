@@ -10,6 +10,7 @@ on, the fit report's summary, the validity record, and the versions that wrote i
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Any, Callable, Dict, Optional, Union
@@ -19,6 +20,7 @@ from torch import nn
 
 from . import hypernets
 from ._files import read_plain, write_atomic
+from ._model_identity import update_digest
 from ._records import report_record, tableau_of, tableau_record, trajectories_record, validity_fields, validity_record
 from ._solver_names import resolve_base
 from ._version import __version__
@@ -65,6 +67,10 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
     g = hypersolver.g
     if not isinstance(g, nn.Module):
         raise TypeError(f"g ({type(g).__name__}) is not an nn.Module: there are no weights to save")
+    state = {k: v.detach().cpu().clone() for k, v in g.state_dict().items()}
+    nonfinite = _nonfinite(state)
+    if nonfinite:
+        raise ValueError(f"g holds non-finite (nan or inf) weights in {nonfinite}: load would refuse the file")
     name = type(g).__name__
     ours = type(g) is _HYPERNETS.get(name)
     validity = hypersolver.validity
@@ -87,13 +93,27 @@ def save(hypersolver: HyperSolver, path: PathLike, trajectories=None, report=Non
             "module": type(g).__module__,
             "config": dict(g.config) if ours else None,
         },
-        "state_dict": {k: v.detach().cpu().clone() for k, v in g.state_dict().items()},
+        "state_dict": state,
+        "weights_digest": _weights_digest(state),
         "validity": validity_record(validity) if validity is not None else None,
         "time_grid": list(hypersolver.__dict__["_time_grid"]) if hypersolver.time_grid is not None else None,
         "trajectories": trajectories_record(trajectories) if trajectories is not None else None,
         "report": report_record(report) if report is not None else None,
     }
     write_atomic(blob, path, prefix=".hypersolver-", force=force)
+
+
+def _nonfinite(state: Dict[str, torch.Tensor]) -> list:
+    return [k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
+
+
+def _weights_digest(state: Dict[str, torch.Tensor]) -> str:
+    """A SHA-256 of the weights (names, dtypes, shapes, bytes): torch.load does not check its archive's CRCs."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        update_digest(digest, state[key])
+    return digest.hexdigest()
 
 
 def _read(path: PathLike, map_location) -> Dict[str, Any]:
@@ -118,11 +138,15 @@ def _read(path: PathLike, map_location) -> Dict[str, Any]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ValueError(f"{os.fspath(path)!s} is corrupt: its state_dict is not a dict of tensors")
-    nonfinite = [
-        k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()
-    ]
+    nonfinite = _nonfinite(state)
     if nonfinite:
         raise ValueError(f"{os.fspath(path)!s} holds non-finite (nan or inf) weights in {nonfinite}; it cannot be used")
+    saved = blob.get("weights_digest")  # files from before 0.3 have none
+    if saved is not None and saved != _weights_digest(state):
+        raise ValueError(
+            f"{os.fspath(path)!s} is corrupt: its weights do not match the digest saved with them (changed or "
+            "damaged after saving)"
+        )
     for key in ("solver", "convention"):
         if not isinstance(blob[key], str):
             raise ValueError(f"{os.fspath(path)!s} is corrupt: its {key} must be a str, got {blob[key]!r}")

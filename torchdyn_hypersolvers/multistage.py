@@ -20,6 +20,7 @@ from typing import Any, Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
+from ._precision import parameter_dtype
 from .hypernets import STAGE_CONVENTIONS, call_hypernet, check_hypernet_input, detect_convention
 from .solvers import HyperSolver, StepParts
 from .tableaus import VectorField, rk_stages
@@ -34,13 +35,26 @@ def _convention(net: Callable, role: str) -> str:
     return convention
 
 
+def _check_dtypes(outer: Callable, inner: Optional[Callable]) -> None:
+    """Refuse outer and inner nets whose parameters differ in dtype (a step runs in one dtype)."""
+    outer_dtype, inner_dtype = parameter_dtype(outer), parameter_dtype(inner)
+    if outer_dtype is None or inner_dtype is None or outer_dtype == inner_dtype:
+        return
+    raise TypeError(
+        f"the outer net ({type(outer).__name__}) of a multi-stage hypersolver has {outer_dtype} parameters "
+        f"and its inner net ({type(inner).__name__}) {inner_dtype}; both step the same state: cast one to the "
+        f"other's dtype, e.g. inner.to({outer_dtype}) (or the whole MultiStageHyperNet: net.to(dtype))"
+    )
+
+
 class MultiStageHyperNet(nn.Module):
     """The two networks of a multi-stage hypersolver, as one module (one ``state_dict``).
 
     Args:
         outer: g, the ``dt**(p+1)`` correction after the step (e.g. an :class:`~.hypernets.MLPHyperNet`).
         inner: h, added to each stage evaluation of f; None for none (then the hypersolver is
-            a plain one). Both in the ``'dt_t_z_dz'``, ``'tx'`` or ``'concat'`` convention.
+            a plain one). Both in the ``'dt_t_z_dz'``, ``'tx'`` or ``'concat'`` convention, and with
+            parameters of one dtype (refused otherwise: cast one with ``.to(dtype)``).
 
     Calling it is calling ``outer`` as ``(dt, t, z, dz)``: it is the hypersolver's g.
     """
@@ -49,6 +63,7 @@ class MultiStageHyperNet(nn.Module):
         super().__init__()
         self.outer_convention = _convention(outer, "outer")
         self.inner_convention = _convention(inner, "inner") if inner is not None else None
+        _check_dtypes(outer, inner)
         self.outer = outer
         self.inner = inner
 
@@ -84,16 +99,24 @@ class MultiStageHyperSolver(HyperSolver):
             )
         if self.convention != "dt_t_z_dz":
             raise ValueError(f"a MultiStageHyperNet is called as (dt, t, z, dz), not {self.convention!r}")
+        _check_dtypes(self.hypernet.outer, self.hypernet.inner)
 
     @property
     def fitted_by_trajectory(self) -> bool:
         """True with an inner net: residual fitting would fit the outer net only."""
         return self.hypernet.inner is not None
 
+    @property
+    def corrects_stages(self) -> bool:
+        """True with an inner net: the step's stages are not the base tableau's, so
+        :class:`~.guard.Guarded` cannot fall back to the base step without evaluating f again."""
+        return self.hypernet.inner is not None
+
     def check_inputs(self, x: Tensor, t_span: Tensor) -> None:
-        """As :meth:`~.solvers.HyperSolver.check_inputs`, for both nets."""
-        super().check_inputs(x, t_span)
+        """As :meth:`~.solvers.HyperSolver.check_inputs`, for both nets (of one dtype)."""
         net = self.hypernet
+        _check_dtypes(net.outer, net.inner)
+        super().check_inputs(x, t_span)
         check_hypernet_input(net.outer, net.outer_convention, x)
         if net.inner is not None:
             check_hypernet_input(net.inner, net.inner_convention, x)

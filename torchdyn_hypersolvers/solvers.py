@@ -19,6 +19,7 @@ and g's correction of one step); ``step`` is defined once, on :class:`HyperSolve
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -26,10 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from . import _residuals, tableaus
-from ._adjoint import solve_uncorrected, torchdyn_adjoint_solve
+from ._adjoint import solve_uncorrected, torchdyn_adjoint_solve, torchdyn_vector_field
 from ._loop import fixed_solve
 from ._mesh import check_t_span, check_time_grid
-from ._outside_fit import check_solve
+from ._outside_fit import check_model_of, check_solve
 from ._precision import parameter_dtype
 from ._residuals import ResidualMethods
 from ._solver_names import resolve_base
@@ -125,24 +126,71 @@ class StepParts(NamedTuple):
     """g's term ``dt**(p+1) * g(...)``."""
 
 
-class SolveState:
-    """A hypersolver's per-solve state (``hs.solve_state``). Copies and pickles of the solver start
-    with a fresh one: a non-leaf z0 could not be deep-copied, nor should it travel.
+class _SolveSlot:
+    """One thread's per-solve state of one solver (see :class:`SolveState`)."""
 
-    Attributes:
-        uncorrected: True while solving torchdyn's adjoint (base steps, no g).
-        z0: the solve's initial state, kept for a stage-aware g (None otherwise).
-        reset_queued: an autograd callback will set ``uncorrected`` back when the backward pass ends.
-        adjoint_warned: the warning about the uncorrected adjoint was shown (once per solver).
-    """
-
-    __slots__ = ("uncorrected", "z0", "reset_queued", "adjoint_warned", "__weakref__")
+    __slots__ = ("uncorrected", "z0", "reset_queued", "__weakref__")
 
     def __init__(self) -> None:
         self.uncorrected = False
         self.z0: Optional[Tensor] = None
         self.reset_queued = False
+
+
+class _PerThread(threading.local):
+    """Each thread's :class:`_SolveSlot` (made on the thread's first look)."""
+
+    def __init__(self) -> None:
+        self.slot = _SolveSlot()
+
+
+class SolveState:
+    """A hypersolver's per-solve state (``hs.solve_state``), kept per thread: one solver may be shared
+    by threads that solve at once, each solve reading its own thread's state. Copies and pickles of
+    the solver start with a fresh one: a non-leaf z0 could not be deep-copied, nor should it travel.
+
+    Attributes:
+        uncorrected: True while solving torchdyn's adjoint (base steps, no g), in this thread.
+        z0: this thread's solve's initial state, kept for a stage-aware g (None otherwise).
+        reset_queued: an autograd callback will set ``uncorrected`` back when the backward pass ends.
+        adjoint_warned: the warning about the uncorrected adjoint was shown (once per solver, all threads).
+    """
+
+    __slots__ = ("_threads", "adjoint_warned", "__weakref__")
+
+    def __init__(self) -> None:
+        self._threads = _PerThread()
         self.adjoint_warned = False
+
+    @property
+    def current(self):
+        """The calling thread's part of the state: an object with ``uncorrected``, ``z0`` and
+        ``reset_queued``, which a callback run on another thread may hold on to."""
+        return self._threads.slot
+
+    @property
+    def uncorrected(self) -> bool:
+        return self._threads.slot.uncorrected
+
+    @uncorrected.setter
+    def uncorrected(self, value: bool) -> None:
+        self._threads.slot.uncorrected = value
+
+    @property
+    def z0(self) -> Optional[Tensor]:
+        return self._threads.slot.z0
+
+    @z0.setter
+    def z0(self, value: Optional[Tensor]) -> None:
+        self._threads.slot.z0 = value
+
+    @property
+    def reset_queued(self) -> bool:
+        return self._threads.slot.reset_queued
+
+    @reset_queued.setter
+    def reset_queued(self, value: bool) -> None:
+        self._threads.slot.reset_queued = value
 
     def __deepcopy__(self, memo) -> SolveState:
         return SolveState()
@@ -272,6 +320,10 @@ class HyperSolver(nn.Module, ResidualMethods):
     ``HyperSolver(base, hypernet)`` corrects any base; the subclasses name theirs
     (``HyperEuler(hypernet)``, as torchdyn's ``HyperEuler(hypernet, dtype=...)``).
 
+    One solver may be shared by threads that solve at once (``hs.solve``, ``NeuralODE(f, solver=hs)``,
+    ``odeint``, wrapped in :class:`~.guard.Guarded` too): what a solve keeps between its steps
+    (:attr:`solve_state`) is per thread, so each solve gives the numbers it gives alone.
+
     Args:
         base: the explicit fixed-step base solver (a name such as ``'rk4'``, a
             :class:`~.tableaus.ButcherTableau`, a package solver, or torchdyn's ``Euler`` / ``RungeKutta4``).
@@ -341,17 +393,17 @@ class HyperSolver(nn.Module, ResidualMethods):
 
     @property
     def solve_state(self) -> SolveState:
-        """The current solve's :class:`SolveState` (fresh in copies and pickles of the solver)."""
+        """The solver's :class:`SolveState`, each thread's own (fresh in copies and pickles of the solver)."""
         state = self.__dict__.get("_solve_state")
-        if state is None:
-            state = self.__dict__["_solve_state"] = SolveState()
+        if state is None:  # setdefault: threads sharing a new solver all get the same one
+            state = self.__dict__.setdefault("_solve_state", SolveState())
         return state
 
     @property
     def correcting(self) -> bool:
-        """Whether steps are corrected now: False while solving torchdyn's adjoint, whose steps are
-        the base solver's (see :meth:`sync_device_dtype`); a wrapper of this solver reads it."""
-        return not self.solve_state.uncorrected
+        """Whether steps are corrected now (in this thread): False while solving torchdyn's adjoint, whose
+        steps are the base solver's (see :meth:`sync_device_dtype`); a wrapper of this solver reads it."""
+        return not _current(self).uncorrected
 
     def sync_device_dtype(self, x: Tensor, t_span: Tensor) -> Tuple[Tensor, Tensor]:
         """torchdyn hook (once per solve): the fast path's checks, then ``t_span`` on ``x``'s device.
@@ -364,6 +416,7 @@ class HyperSolver(nn.Module, ResidualMethods):
             solve_uncorrected(self.solve_state, sensitivity, type(self).__name__, self.tableau.name)
         elif isinstance(x, Tensor):
             self.check_inputs(x, t_span)
+            check_model_of(self, torchdyn_vector_field())  # f is given to the steps, not to this hook
         else:  # a dict state: g is not called on it by the default step
             self.solve_state.uncorrected = False
         return x, t_span.to(proto.device)
@@ -401,7 +454,7 @@ class HyperSolver(nn.Module, ResidualMethods):
     def step(self, f: VectorField, x: Tensor, t: Tensor, dt: Tensor, k1: Optional[Tensor] = None, args=None):
         """One corrected step, ``x + dt * increment + correction`` of :meth:`step_parts`; torchdyn's
         ``(None, x_next, None)`` return. (The base solver's step while solving torchdyn's adjoint.)"""
-        if self.solve_state.uncorrected:
+        if _current(self).uncorrected:
             return self.base_solver.step(f, x, t, dt, k1, args)
         parts = self.step_parts(f, x, t, dt, k1)
         return None, x + dt * parts.increment + parts.correction, None
@@ -461,8 +514,14 @@ def _call_g(hs: HyperSolver, dt: Tensor, t: Tensor, z: Tensor, dz: Tensor, stage
     return out
 
 
+def _current(hs: HyperSolver) -> _SolveSlot:
+    """The calling thread's part of the solver's state (the lookup of every step: no properties)."""
+    state = hs.__dict__.get("_solve_state")
+    return (state if state is not None else hs.solve_state)._threads.slot
+
+
 def _recorded_z0(hs: HyperSolver) -> Tensor:
-    z0 = hs.solve_state.z0
+    z0 = _current(hs).z0
     if z0 is None:
         raise RuntimeError(
             f"g reads the solve's initial state z0 (the {hs.convention!r} convention) but none was recorded: "

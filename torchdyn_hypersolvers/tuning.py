@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int
+from ._files import check_writable, write_text_atomic
 from ._loop import fixed_solve
 from ._mesh import check_t_span
 from ._optimisation import Recipe
@@ -29,8 +30,8 @@ from ._outside_fit import outside_fit_ignored
 from ._precision import parameter_dtype
 from ._progress import progress_bar
 from ._reference import reference_solve
-from ._time_grid import fit_time_grid, grid_from_logits
-from ._user_model import preserved, resolve_model
+from ._time_grid import fit_time_grid, grid_collision, grid_from_logits
+from ._user_model import check_field_output, owned_modules, preserved, resolve_model
 from .evaluate import ParetoResult, pareto
 from .fit import FitReport, fit, residual_data
 from .harvest import Trajectories, harvest
@@ -99,7 +100,10 @@ class TuneResult:
     def solver_for(self, nfe: int) -> Tuple[HyperSolver, Tensor]:
         """``(hypersolver, t_span)`` chosen for ``nfe`` evaluations of f."""
         if nfe not in self.choices:
-            raise KeyError(f"no choice for nfe={nfe!r}; tuned budgets: {sorted(self.choices)}")
+            why = self.pruned.get(f"NFE {nfe}")
+            if why is None:
+                raise KeyError(f"nfe={nfe!r} was not tuned (tuned budgets: {sorted(self.choices)}); tune it")
+            raise KeyError(f"no choice for nfe={nfe!r}: {why} (tuned budgets: {sorted(self.choices)})")
         choice = self.choices[nfe]
         return choice.solver, choice.mesh
 
@@ -146,21 +150,30 @@ class TuneResult:
         best = min(rows, key=lambda r: r.terminal_error, default=None)
         return None if best is None else (best.solver, best.terminal_error)
 
-    def save(self, folder) -> None:
+    def save(self, folder, force: bool = False) -> None:
         """One loadable file per choice (``nfe<N>.pt``: :func:`~.io.load` it; the grid comes back as
-        ``hs.time_grid``), the table (``tune.md``) and the numbers (``tune.json``)."""
+        ``hs.time_grid``), the table (``tune.md``) and the numbers (``tune.json``).
+
+        Every file is written atomically; a replaced file keeps its permissions, a new one gets the
+        umask's. A read-only file among them is refused (``PermissionError`` naming it) unless
+        ``force``, before any file is written: a refused save leaves the folder as it was."""
         os.makedirs(folder, exist_ok=True)
-        for nfe, choice in self.choices.items():
-            save(choice.solver, os.path.join(folder, f"nfe{nfe}.pt"), report=self.fit_reports.get(choice.label))
-        with open(os.path.join(folder, "tune.md"), "w") as fh:
-            fh.write(self.to_markdown())
+        solvers = {os.path.join(folder, f"nfe{nfe}.pt"): choice for nfe, choice in self.choices.items()}
+        texts = {os.path.join(folder, "tune.md"): self.to_markdown(), os.path.join(folder, "tune.json"): self._json()}
+        for path in (*solvers, *texts):
+            check_writable(path, force)
+        for path, choice in solvers.items():
+            save(choice.solver, path, report=self.fit_reports.get(choice.label), force=force)
+        for path, text in texts.items():
+            write_text_atomic(text, path, prefix=".tune-", force=force)
+
+    def _json(self) -> str:
         numbers = {
             str(n): {k: v for k, v in dataclasses.asdict(c).items() if k not in ("solver", "mesh")}
             | {"mesh": c.mesh.tolist()}
             for n, c in self.choices.items()
         }
-        with open(os.path.join(folder, "tune.json"), "w") as fh:
-            json.dump({"choices": numbers, "pruned": self.pruned, "target_error": self.target_error}, fh, indent=2)
+        return json.dumps({"choices": numbers, "pruned": self.pruned, "target_error": self.target_error}, indent=2)
 
 
 @dataclass(frozen=True)
@@ -296,18 +309,23 @@ def tune(
     search = _resolve_search(search, options)
     budgets = _check_budgets(nfe if nfe is not None else (MATCH_LADDER if match else (4, 8, 16, 24)))
     target = _parse_match(match) if match is not None else None
-    run = _setup(model, x, t_span, labels, device, search)
-    bar = _Bar(progress, 3 + 2 * len(search.bases) + (len(budgets) if search.grid else 0))
-    plan = _plan(run, budgets, bar)
-    trajectories = _harvest(run, plan, bar)
-    fitted = _fit_candidates(run, trajectories, plan, bar)
-    comparison = _compare(run, budgets, fitted, target, bar)
-    chosen = _choose(run, budgets, trajectories, fitted, comparison.table, bar)
-    bar.close()
+    with preserved(*owned_modules(model), restore=True):  # every phase leaves the user's model as it was
+        run = _setup(model, x, t_span, labels, device, search)
+        bar = _Bar(progress, 3 + 2 * len(search.bases) + (len(budgets) if search.grid else 0))
+        try:
+            plan = _plan(run, budgets, bar)
+            trajectories = _harvest(run, plan, bar)
+            fitted = _fit_candidates(run, trajectories, plan, bar)
+            comparison = _compare(run, budgets, fitted, target, bar)
+            chosen = _choose(run, budgets, trajectories, fitted, comparison.table, bar)
+        finally:
+            bar.close()
+    pruned = {**plan.pruned, **fitted.pruned, **chosen.pruned}
+    _check_choices(budgets, chosen.choices, pruned)
     return TuneResult(
         chosen.choices,
         comparison.table,
-        {**plan.pruned, **fitted.pruned, **chosen.pruned},
+        pruned,
         run.x_test,
         run.test_index,
         comparison.target_error,
@@ -355,14 +373,18 @@ def _setup(model, x: Tensor, t_span, labels: Optional[Tensor], device, search: S
         raise ValueError(f"tune needs at least 4 inputs to hold some out, got {len(x)}")
     if labels is not None and len(labels) != len(x):
         raise ValueError(f"labels must have one entry per input: got {len(labels)} labels for {len(x)} inputs")
+    _check_finite_inputs(x)
+    _check_dtypes(model, x)
+    held = _held_out_count(len(x), search.held_out)
     span = check_t_span(t_span)
     f, initial_state, module = resolve_model(model)
     with preserved(module), torch.no_grad():
-        state_shape = tuple(initial_state(x[:2]).shape[1:])
-    make = search.hypernet or _default_hypernet(state_shape)  # refuses image states without a hypernet, before any work
+        z = initial_state(x[:2])
+        check_field_output(f, span[0], z)  # before any solve: a field of the wrong width is named, with both shapes
+    make = search.hypernet or _default_hypernet(tuple(z.shape[1:]))  # refuses image states without a hypernet
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(search.seed))
-    test = order[: max(1, int(round(search.held_out * len(x))))]
-    fitting = order[len(test) :]
+    test = order[:held]
+    fitting = order[held:]
     return _Run(
         model,
         f,
@@ -379,6 +401,45 @@ def _setup(model, x: Tensor, t_span, labels: Optional[Tensor], device, search: S
         search,
         start,
     )
+
+
+def _check_finite_inputs(x: Tensor) -> None:
+    """Refuse nan or inf inputs, by their rows in ``x`` (before the split: the user's rows)."""
+    if not x.is_floating_point() and not x.is_complex():
+        return
+    bad = (~torch.isfinite(x.reshape(len(x), -1))).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        rows = f"{bad[:10]}"[:-1] + (", ...]" if len(bad) > 10 else "]")
+        raise ValueError(
+            f"tune got non-finite (nan or inf) inputs: rows {rows} of x, {len(bad)} of {len(x)}; no solve can go "
+            "through them (the held-out comparison and the fit would fail on them): remove or repair those inputs"
+        )
+
+
+def _check_dtypes(model, x: Tensor) -> None:
+    """Refuse (``TypeError``) floating inputs of another dtype than the model's floating parameters."""
+    if not isinstance(model, nn.Module) or not x.is_floating_point():
+        return
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes and x.dtype not in dtypes:
+        dtype = min(dtypes, key=str)
+        to = {torch.float64: "double()", torch.float32: "float()", torch.float16: "half()"}.get(dtype, f"to({dtype})")
+        raise TypeError(
+            f"the model's parameters are {', '.join(sorted(map(str, dtypes)))} but the inputs x are {x.dtype}: "
+            f"f cannot be evaluated on them; convert the inputs (x.{to}) or the model (model.to({x.dtype}))"
+        )
+
+
+def _held_out_count(n: int, held_out: float) -> int:
+    """How many of ``n`` inputs the ``held_out`` share holds out (at least one); refuses a split that leaves
+    none to fit on."""
+    held = max(1, int(round(held_out * n)))
+    if held >= n:
+        raise ValueError(
+            f"held_out={held_out:g} of {n} inputs holds out {held} and leaves {n - held} to fit on: tune needs inputs "
+            f"in both shares; give more inputs or a smaller held_out (below {(n - 0.5) / n:.3g} for {n} inputs)"
+        )
+    return held
 
 
 @dataclass
@@ -555,7 +616,10 @@ def _choose(
     choices: Dict[int, Choice] = {}
     pruned: Dict[str, str] = {}
     for n in budgets:
-        rows = [r for r in table if r.kind == "hyper" and r.nfe == n and math.isfinite(r.terminal_error)]
+        rows = [r for r in table if r.kind == "hyper" and r.nfe == n]
+        if rows and not any(math.isfinite(r.terminal_error) for r in rows):
+            pruned[f"NFE {n}"] = _why_no_choice(run, table, n, rows)
+        rows = [r for r in rows if math.isfinite(r.terminal_error)]
         if not rows:
             continue
         best = min(rows, key=lambda r: r.terminal_error)
@@ -563,6 +627,33 @@ def _choose(
         if skipped:
             pruned[f"time grid at NFE {n}"] = skipped
     return _Chosen(choices, pruned)
+
+
+def _why_no_choice(run: _Run, table: ParetoResult, n: int, rows) -> str:
+    """Why budget ``n`` has no choice: every hypersolver's held-out error (``rows``) is inf or nan."""
+    errors = ", ".join(f"{r.solver}: {r.terminal_error:.3g}" for r in rows)
+    classical = [r for r in table if r.kind == "fixed" and r.nfe == n and r.solver in _CLASSICAL_BY_STAGES.values()]
+    finite = [r for r in classical if math.isfinite(r.terminal_error)]
+    best = min(finite, key=lambda r: r.terminal_error, default=None)
+    baseline = "so is every classical solver's"
+    if best is not None:
+        baseline = f"the best classical solver's is {best.terminal_error:.3g} ({best.solver})"
+    t0, t1 = (float(t) for t in run.ends)
+    return (
+        f"every hypersolver's held-out error at NFE {n} is inf or nan ({errors}); {baseline}: {n} evaluations of f "
+        f"across [{t0:g}, {t1:g}] make steps too long for this field; tune larger budgets or a shorter interval"
+    )
+
+
+def _check_choices(budgets: List[int], choices: Dict[int, Choice], pruned: Dict[str, str]) -> None:
+    """Refuse a search that found no choice at any budget, and warn of the budgets left without one, with why."""
+    missing = [n for n in budgets if n not in choices]
+    if not missing:
+        return
+    why = "; ".join(f"NFE {n}: {pruned.get(f'NFE {n}', 'no hypersolver was fitted for it')}" for n in missing)
+    if not choices:
+        raise ValueError(f"tune found no hypersolver with a finite held-out error at any budget ({why})")
+    warnings.warn(f"tune found no choice for {len(missing)} of the budgets ({why})", UserWarning, stacklevel=3)
 
 
 def _choice_at(run: _Run, nfe: int, row, candidate: HyperSolver, ends: _Ends, bar: _Bar) -> Tuple[Choice, str]:
@@ -573,8 +664,9 @@ def _choice_at(run: _Run, nfe: int, row, candidate: HyperSolver, ends: _Ends, ba
     uniform_error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, uniform)
     mesh, error, skipped = uniform, uniform_error, ""
     if run.search.grid and row.steps > 1:
-        if run.out_of_time():
-            skipped = run.skipped()
+        collision = grid_collision(row.steps, run.ends[0], run.ends[1], ends.z0.dtype)
+        if run.out_of_time() or collision:
+            skipped = collision or run.skipped()
         else:
             with preserved(run.module):
                 iterations, seed = run.search.grid_iterations, run.search.seed

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._model_identity import weights_digest
 from ._outside_fit import TOLERANCE, OutsideFitWarning, outside_fit_ignored
 from ._records import validity_fields, validity_record
 
@@ -37,6 +38,8 @@ class Validity:
             fitted backward); None when unknown (records written before they were kept).
         state_min, state_max: per feature (the state flattened), the smallest and largest value
             of the states g was fitted on; None when unknown (records written before they were kept).
+        model: a digest of the weights of the model g was fitted on; a solve with another model
+            warns once per model object. None when unknown (a field without modules, older records).
     """
 
     dt_min: float
@@ -47,6 +50,7 @@ class Validity:
     t1: Optional[float] = None
     state_min: Optional[Tuple[float, ...]] = None
     state_max: Optional[Tuple[float, ...]] = None
+    model: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.dt_min <= self.dt_max:
@@ -143,7 +147,8 @@ class Validity:
             f"(atol={trajectories.atol:g}, rtol={trajectories.rtol:g})"
         )
         record = cls.of_steps(torch.cat(dts), trajectories.state_shape, text, start, end)
-        return record.with_state_range(trajectories.states)
+        model = weights_digest(trajectories.f) if trajectories.f is not None else None
+        return dataclasses.replace(record.with_state_range(trajectories.states), model=model)
 
     def to_dict(self) -> Dict[str, Any]:
         """Deprecated: the file schema lives in :mod:`.io` (``save`` writes this record)."""
