@@ -24,7 +24,7 @@ LAYERS = [
     {"_wrapped", "multistage", "registry", "_time_grid"},
     {"guard", "harvest", "control", "plots"},
     {"_optimisation", "evaluate", "fit", "io"},
-    {"tuning", "lightning"},
+    {"budget", "tuning", "lightning"},
     {"_compat", "__init__"},
 ]
 

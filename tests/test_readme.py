@@ -93,6 +93,7 @@ EXPECT = {
     "docs/save-load.md[0]": [r"^Valid for step sizes \|dt\| in \[0\.05, 0\.1\]"],
     "docs/save-load.md[1]": [r"not the requested 'euler'", r"'state_dict'"],
     "docs/solver-names.md[0]": [r"^\['my-hypereuler'\]$"],
+    "docs/tuning.md[2]": [r"^held-out terminal error at 4 evaluations of f: \d\.\d\de-\d\d -> \d\.\d\de-\d\d$"],
 }
 
 

@@ -25,6 +25,7 @@ __all__ = ["update_digest", "weights_digest", "check_model"]
 
 _DIGESTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 _WARNED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
+_HOLDERS: weakref.WeakKeyDictionary[nn.Module, List[nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def update_digest(digest, tensor: Tensor) -> None:
@@ -48,7 +49,17 @@ def _module_digest(module: nn.Module) -> str:
 def _modules(f: Callable) -> List[nn.Module]:
     """The outermost modules holding the weights ``f`` is made of (a module inside another one found
     is left out). A module without tensors, such as torchdyn's ``DEFunc`` around a plain function, is
-    looked through: the modules its (and its submodules') callable attributes reach count instead."""
+    looked through: the modules its (and its submodules') callable attributes reach count instead.
+    Found once per module object (a module's own structure is taken as fixed)."""
+    if isinstance(f, nn.Module):
+        found = _HOLDERS.get(f)
+        if found is None:
+            found = _HOLDERS[f] = _search(f)
+        return found
+    return _search(f)
+
+
+def _search(f: Callable) -> List[nn.Module]:
     found = []
     for module in owned_modules(f):
         found += _holders(module, depth=3)

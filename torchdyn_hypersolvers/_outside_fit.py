@@ -113,7 +113,11 @@ def _check_g_weights(solver) -> None:
     One host read per solve; never while fitting (the fit has its own divergence check)."""
     g = getattr(solver, "hypernet", None)
     params = [p for p in g.parameters() if p.is_floating_point()] if isinstance(g, torch.nn.Module) else []
-    if not params or bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+    versions = tuple((id(p), p._version) for p in params)  # bumped by every in-place change autograd sees
+    if not params or solver.__dict__.get("_finite_weights") == versions:
+        return
+    if bool(torch.stack(torch._foreach_norm([p.detach() for p in params], float("inf"))).isfinite().all()):
+        solver.__dict__["_finite_weights"] = versions  # checked again only when a weight changes
         return
     names = [name for name, p in g.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
     warnings.warn(

@@ -32,6 +32,7 @@ from ._progress import progress_bar
 from ._reference import reference_solve
 from ._time_grid import fit_time_grid, grid_collision, grid_from_logits
 from ._user_model import check_field_output, owned_modules, preserved, resolve_model
+from .budget import fit_budget
 from .evaluate import ParetoResult, pareto
 from .fit import FitReport, fit, residual_data
 from .harvest import Trajectories, harvest
@@ -76,6 +77,8 @@ class Choice:
     uniform_error: float
     wall_ms: float
     learned_grid: bool
+    fitted_for_budget: bool = False
+    """g and the grid were fitted together for this budget (``Search(budget_iterations=...)``)."""
 
 
 @dataclass
@@ -128,9 +131,9 @@ class TuneResult:
         for nfe, c in sorted(self.choices.items()):
             classical = self._best_classical(nfe)
             name, err = classical if classical else ("-", float("nan"))
-            grid = "learned" if c.learned_grid else "uniform"
+            grid = "g and grid fitted for the budget" if c.fitted_for_budget else f"{_grid_kind(c)} grid"
             lines.append(
-                f"| {nfe} | {c.label} ({grid} grid) | {c.steps} | {c.error:.3g} | {c.uniform_error:.3g} | {name} "
+                f"| {nfe} | {c.label} ({grid}) | {c.steps} | {c.error:.3g} | {c.uniform_error:.3g} | {name} "
                 f"| {err:.3g} | {c.wall_ms:.2f} |"
             )
         adaptive = [r for r in self.table if r.kind == "adaptive"]
@@ -191,6 +194,9 @@ class Search:
             ``tune(..., iterations=300)`` changes its iterations alone.
         grid, grid_iterations: fit a time grid for each budget's choice (kept only when it lowers
             the held-out error).
+        budget_iterations: then fit the choice's g and grid together for its budget, end to end
+            (:func:`~.budget.fit_budget`, this many iterations; kept only when it lowers the held-out
+            error). 0 (the default): not done.
         held_out: the share of the inputs kept for the comparison and never fitted on.
         max_seconds: stop fitting new candidates and grids after this much wall time (the first
             candidate is always fitted; those skipped are listed in ``TuneResult.pruned``).
@@ -203,6 +209,7 @@ class Search:
     recipe: Recipe = Recipe(iterations=2000)
     grid: bool = True
     grid_iterations: int = 200
+    budget_iterations: int = 0
     held_out: float = 0.25
     max_seconds: Optional[float] = None
     seed: int = 0
@@ -217,6 +224,7 @@ class Search:
         if not 0.0 < self.held_out < 1.0:
             raise ValueError(f"held_out must be a fraction in (0, 1), got {self.held_out!r}")
         check_int(self.grid_iterations, "grid_iterations", minimum=0)
+        check_int(self.budget_iterations, "budget_iterations", minimum=0)
         if self.max_seconds is not None and not self.max_seconds >= 0:
             raise ValueError(f"max_seconds must be None or a non-negative number, got {self.max_seconds!r}")
 
@@ -624,9 +632,30 @@ def _choose(
             continue
         best = min(rows, key=lambda r: r.terminal_error)
         choices[n], skipped = _choice_at(run, n, best, fitted.candidates[best.solver].hs, ends, bar)
+        choices[n] = _fitted_for_budget(run, choices[n], trajectories, ends)
         if skipped:
             pruned[f"time grid at NFE {n}"] = skipped
     return _Chosen(choices, pruned)
+
+
+def _grid_kind(choice: Choice) -> str:
+    return "learned" if choice.learned_grid else "uniform"
+
+
+def _fitted_for_budget(run: _Run, choice: Choice, trajectories: Trajectories, ends: _Ends) -> Choice:
+    """The choice with g and its grid fitted together for its budget, end to end, when the search asks
+    for it and that lowers the held-out error; the choice as it is otherwise."""
+    if not run.search.budget_iterations or run.out_of_time():
+        return choice
+    hs, n = copy.deepcopy(choice.solver), choice.steps
+    with preserved(run.module):
+        budget = trajectories.replace(meshes={n: trajectories.meshes[n]})
+        fit_budget(hs, budget, iterations=run.search.budget_iterations, progress=False, seed=run.search.seed)
+    mesh = hs.time_grid.to(choice.mesh)
+    error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, mesh)
+    if not error < choice.error:
+        return choice
+    return dataclasses.replace(choice, solver=hs, mesh=mesh, error=error, learned_grid=True, fitted_for_budget=True)
 
 
 def _why_no_choice(run: _Run, table: ParetoResult, n: int, rows) -> str:

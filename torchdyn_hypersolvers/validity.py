@@ -88,10 +88,8 @@ class Validity:
                 f"(shape {tuple(x.shape)})"
             )
         real = flat.real if flat.is_complex() else flat
-        lo = torch.tensor(self.state_min, dtype=real.dtype, device=x.device)
-        hi = torch.tensor(self.state_max, dtype=real.dtype, device=x.device)
-        pad = margin * (hi - lo)
-        return ((real < lo - pad) | (real > hi + pad)).any(1)
+        lo, hi = _bounds(self, real.dtype, x.device, margin)
+        return ((real < lo) | (real > hi)).any(1)
 
     @property
     def direction(self) -> Optional[str]:
@@ -182,6 +180,23 @@ class Validity:
             f"harvested states in [{min(self.state_min):.4g}, {max(self.state_max):.4g}] over {n} features "
             "(per-feature ranges recorded)"
         )
+
+
+def _bounds(record: Validity, dtype: torch.dtype, device: torch.device, margin: float) -> Tuple[Tensor, Tensor]:
+    """The widened state range as tensors, made once per (dtype, device, margin) and kept on the record
+    (not a field: eq, repr and replace ignore it)."""
+    cache = record.__dict__.get("_bounds_cache")
+    if cache is None:
+        cache = {}
+        object.__setattr__(record, "_bounds_cache", cache)
+    key = (dtype, device, float(margin))
+    if key not in cache:
+        with torch.inference_mode(False), torch.no_grad():
+            lo = torch.tensor(record.state_min, dtype=dtype, device=device)
+            hi = torch.tensor(record.state_max, dtype=dtype, device=device)
+            pad = margin * (hi - lo)
+            cache[key] = (lo - pad, hi + pad)
+    return cache[key]
 
 
 def describe(hs) -> str:

@@ -85,6 +85,7 @@ PUBLIC_MODULES = [
         "io",
         "registry",
         "tuning",
+        "budget",
         "control",
         "validity",
         "lightning",
