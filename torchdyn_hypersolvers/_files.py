@@ -60,31 +60,24 @@ def write_atomic(blob: Any, path: PathLike, prefix: str = ".torchdyn-hypersolver
     keeps its permissions; a new file gets the process's umask (as ``open`` would give it). A
     read-only file is refused (``PermissionError``) unless ``force``; a missing folder is a
     ``FileNotFoundError`` naming it, before anything is written."""
-    path = check_folder(path)
-    folder = os.path.dirname(path)
-    mode = _mode_for(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(blob, handle)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _replace_atomically(path, prefix, force, "wb", lambda handle: torch.save(blob, handle))
 
 
 def write_text_atomic(text: str, path: PathLike, prefix: str = ".torchdyn-hypersolvers-", force: bool = False) -> None:
     """``text`` (UTF-8) to ``path`` atomically, with the rules of :func:`write_atomic` (a link is followed,
     a replaced file keeps its mode, a new one gets the umask's, a read-only one is refused unless ``force``)."""
+    _replace_atomically(path, prefix, force, "w", lambda handle: handle.write(text))
+
+
+def _replace_atomically(path: PathLike, prefix: str, force: bool, mode: str, write) -> None:
+    """``write(handle)`` into a temporary file next to ``path``, then rename it over ``path``."""
     path = check_folder(path)
-    mode = _mode_for(path, force)
+    permissions = _mode_for(path, force)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=os.path.dirname(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, mode)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            write(handle)
+        os.chmod(tmp, permissions)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
