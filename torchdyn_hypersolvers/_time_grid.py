@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int
+from ._checks import check_int, nonfinite_rows
 from ._loop import fixed_solve
 from ._mesh import check_t_span
 from ._outside_fit import outside_fit_ignored
@@ -125,11 +125,8 @@ def _check_states(z: Tensor, name: str) -> None:
     """Refuse (``ValueError``, with the rows) empty states or states with nan or inf."""
     if z.dim() == 0 or len(z) == 0:
         raise ValueError(f"{name} is empty (0 rows, shape {tuple(z.shape)}): pass states [N, ...] with N >= 1")
-    if not (z.is_floating_point() or z.is_complex()):
-        return
-    bad = (~torch.isfinite(z.reshape(len(z), -1))).any(dim=1).nonzero().flatten().tolist()
+    bad, rows = nonfinite_rows(z)
     if bad:
-        rows = f"{bad[:10]}"[:-1] + (", ...]" if len(bad) > 10 else "]")
         raise ValueError(
             f"{name} has non-finite (nan or inf) values in {len(bad)} of {len(z)} rows (rows {rows}): a grid cannot "
             "be fitted to them; remove or repair those rows"

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int
+from ._checks import check_int, nonfinite_rows
 from ._files import check_writable, write_text_atomic
 from ._loop import fixed_solve
 from ._mesh import check_t_span
@@ -413,11 +413,8 @@ def _setup(model, x: Tensor, t_span, labels: Optional[Tensor], device, search: S
 
 def _check_finite_inputs(x: Tensor) -> None:
     """Refuse nan or inf inputs, by their rows in ``x`` (before the split: the user's rows)."""
-    if not x.is_floating_point() and not x.is_complex():
-        return
-    bad = (~torch.isfinite(x.reshape(len(x), -1))).any(dim=1).nonzero().flatten().tolist()
+    bad, rows = nonfinite_rows(x)
     if bad:
-        rows = f"{bad[:10]}"[:-1] + (", ...]" if len(bad) > 10 else "]")
         raise ValueError(
             f"tune got non-finite (nan or inf) inputs: rows {rows} of x, {len(bad)} of {len(x)}; no solve can go "
             "through them (the held-out comparison and the fit would fail on them): remove or repair those inputs"
