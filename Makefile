@@ -10,7 +10,7 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[examples,dev,lightning,docs]'
+	$(PY) -m pip install --quiet -e '.[examples,dev,lightning,docs,flow]'
 	touch $(STAMP)
 
 demo: $(STAMP)

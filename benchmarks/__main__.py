@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from . import devices, dominance, fitting, floor, guard, inference, residuals, tuning
+from . import compile_path, devices, dominance, fitting, floor, guard, harvest_scaling, inference, residuals, tuning
 from .common import machine, write_results
 
 SUITES = {
@@ -20,6 +20,8 @@ SUITES = {
     "guard": guard,
     "tune": tuning,
     "devices": devices,
+    "harvest_scaling": harvest_scaling,
+    "compile": compile_path,
 }
 DEFAULT = [name for name in SUITES if name != "devices"]  # devices: CPU vs GPU, run with --only devices
 

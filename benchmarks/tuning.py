@@ -109,27 +109,31 @@ def _one(name, model, x, t_span, labels, options, quick: bool) -> Dict[str, obje
         for nfe, choice in sorted(result.choices.items()):
             final = choice.solver.solve(f, z0, choice.mesh, return_trajectory=False)
             choices[nfe] = (choice, *quality(final))
+        options = []  # every finalist (each g size per budget), fastest first: tune's measured wall time
+        for option in sorted(result.options, key=lambda c: (c.wall_ms, c.nfe)):
+            final = option.solver.solve(f, z0, option.mesh, return_trajectory=False)
+            options.append((option, *quality(final)))
         rows = []
         for tol in TOLERANCES:
             counter = _Counter(f)
             dyn_final = torchdyn_odeint(counter, z0, ends, solver="dopri5", atol=tol, rtol=tol)[1][-1]
             nfe_dopri5 = counter.calls
             target_error, target_accuracy = quality(dyn_final)
-            pick = None
-            for nfe, (_, error, accuracy) in choices.items():
+            pick = None  # the fastest finalist (tune's measured wall time) at least as accurate
+            for option, error, accuracy in options:
                 good = accuracy >= target_accuracy if target_accuracy is not None else error <= target_error
                 if good:
-                    pick = nfe
+                    pick = (option, error, accuracy)
                     break
             row = {
                 "tol": tol,
                 "dopri5_nfe": nfe_dopri5,
                 "dopri5_error": target_error,
                 "dopri5_accuracy": target_accuracy,
-                "nfe": pick,
+                "nfe": None if pick is None else pick[0].nfe,
             }
             if pick is not None:
-                choice, error, accuracy = choices[pick]
+                choice, error, accuracy = pick
                 times = compare(
                     {
                         "tuned": lambda c=choice: c.solver.solve(f, z0, c.mesh, return_trajectory=False),
@@ -139,7 +143,7 @@ def _one(name, model, x, t_span, labels, options, quick: bool) -> Dict[str, obje
                     repeats=3 if quick else 15,
                 )
                 row.update(
-                    choice=choice.label,
+                    choice=choice.label + ("" if choice.g_size is None else f" [g {_size(choice.g_size)}]"),
                     grid="learned" if choice.learned_grid else "uniform",
                     error=error,
                     accuracy=accuracy,
@@ -153,8 +157,21 @@ def _one(name, model, x, t_span, labels, options, quick: bool) -> Dict[str, obje
     grid_ratio = {
         nfe: c.error / c.uniform_error if c.uniform_error > 0 else None for nfe, c in sorted(result.choices.items())
     }
+    best_classical = {}
+    for nfe in result.choices:
+        rows = [r for r in result.table if r.kind == "fixed" and r.nfe == nfe and math.isfinite(r.terminal_error)]
+        best_classical[nfe] = min((r.terminal_error for r in rows), default=None)
+    front = _front(result)
     return {
         "workload": name,
+        "vs_classical": {
+            nfe: c.error / best_classical[nfe] if best_classical.get(nfe) else None
+            for nfe, c in sorted(result.choices.items())
+        },
+        "front": front,
+        "options": [
+            {"nfe": o.nfe, "label": o.label, "wall_ms": o.wall_ms, "error": e, "accuracy": a} for o, e, a in options
+        ],
         "tune_s": tune_s,
         "held_out": len(result.held_out),
         "choices": {n: f"{c.label} ({'learned' if c.learned_grid else 'uniform'})" for n, c in result.choices.items()},
@@ -164,6 +181,25 @@ def _one(name, model, x, t_span, labels, options, quick: bool) -> Dict[str, obje
         "pruned": len(result.pruned),
         "rows": rows,
     }
+
+
+def _size(size) -> str:
+    return f"{size[0]}x{len(size)}" if len(set(size)) == 1 else "-".join(map(str, size))
+
+
+def _front(result) -> list:
+    """The held-out error-vs-wall-time front over every timed candidate: tune's finalists (each g size
+    per budget), the classical solvers and dopri5 (their wall times from tune's comparison)."""
+    points = [(c.wall_ms, c.error, f"{c.label} [g {_size(c.g_size)}]" if c.g_size else c.label, c.nfe)
+              for c in result.options]
+    points += [(r.wall_ms, r.terminal_error, r.solver + (f" {r.tol:g}" if r.kind == "adaptive" else ""), r.nfe)
+               for r in result.table if r.kind in ("fixed", "adaptive") and math.isfinite(r.terminal_error)]
+    front, best = [], math.inf
+    for wall, error, label, nfe in sorted(points):
+        if error < best:
+            front.append({"wall_ms": wall, "error": error, "solver": label, "nfe": nfe})
+            best = error
+    return front
 
 
 def _head(model) -> Optional[torch.nn.Module]:
@@ -224,4 +260,21 @@ def markdown(result) -> str:
     for w in result["workloads"]:
         ratios = {int(k): v for k, v in w["grid_ratio"].items()}
         lines.append(f"| {w['workload']} | " + " | ".join(_fmt(ratios.get(n), ".2f") for n in LADDER) + " |")
+    lines += [
+        "",
+        "Each budget's choice against the best classical solver (Euler, Midpoint, RK4) at the same NFE "
+        "(held-out error ratio; lower is better):",
+        "",
+        "| workload | " + " | ".join(f"NFE {n}" for n in LADDER) + " |",
+        "|---|" + "---|" * len(LADDER),
+    ]
+    for w in result["workloads"]:
+        ratios = {int(k): v for k, v in w["vs_classical"].items()}
+        lines.append(f"| {w['workload']} | " + " | ".join(_fmt(ratios.get(n), ".2f") for n in LADDER) + " |")
+    lines += ["", "Held-out error against measured wall time: the front over every timed candidate "
+              "(tune's finalists, the classical solvers, dopri5; no candidate is both faster and more accurate):", ""]
+    for w in result["workloads"]:
+        points = ", ".join(f"{p['solver']} NFE {p['nfe']}: {_fmt(p['error'])} in {p['wall_ms']:.2f} ms"
+                           for p in w["front"])
+        lines.append(f"- {w['workload']}: {points}")
     return "\n".join(lines) + "\n"

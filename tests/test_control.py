@@ -223,3 +223,13 @@ def test_control_tutorial_quick(tmp_path):
         assert 0 < r["median_iteration_ms"] * r["nfe_per_rollout"] and r["train_s"] > 0
         assert r["cost_vs_dopri5"] == pytest.approx(r["closed_loop_cost"] / rows["dopri5"]["closed_loop_cost"])
         assert 0 < r["closed_loop_cost"] < 10
+
+
+def test_a_controlled_system_is_a_torchdyn_vector_field():
+    from torchdyn.core import NeuralODE
+
+    system = ControlledSystem(lambda t, x, u: -x + u, control_dim=1)  # torchdyn calls vf(t, x, args=...)
+    z0 = system.join(torch.ones(4, 2), torch.tensor([0.5]))
+    _, z = NeuralODE(system, solver="rk4")(z0, torch.linspace(0, 1, 11))
+    assert torch.allclose(z[-1, :, :2], 0.5 + 0.5 * torch.exp(torch.tensor(-1.0)), atol=1e-4)
+    assert torch.equal(z[-1, :, 2:], z0[:, 2:])  # the control is held

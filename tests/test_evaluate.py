@@ -10,7 +10,7 @@ from torchdyn.nn import Augmenter
 
 from torchdyn_hypersolvers import HyperEuler, HyperMidpoint, MLPHyperNet
 from torchdyn_hypersolvers._costs import macs, median_times
-from torchdyn_hypersolvers.evaluate import generalization, pareto
+from torchdyn_hypersolvers.evaluate import Task, generalization, pareto
 from torchdyn_hypersolvers.metrics import (
     absolute_error,
     accuracy,
@@ -277,3 +277,61 @@ def test_plot_pareto_draws_into_a_given_axis(tmp_path):
         plt.close(fig)
     with pytest.raises(ValueError, match="a path to save to or an ax"):
         plot_pareto(result)
+
+
+# --- sample distances in the sweep ------------------------------------------------------------------
+
+
+def _distance_sweep(**kwargs):
+    field = small_mlp()
+    f = lambda t, z: field(z)  # noqa: E731
+    x = torch.randn(64, 2)
+    return pareto(f, x, SPAN, solvers=["euler", "rk4", "dopri5"], steps=(2, 8), tolerances=(1e-3,),
+                  timing=False, **kwargs)
+
+
+def test_a_sweep_without_a_distance_exports_as_before(tmp_path):
+    result = _distance_sweep()
+    assert result.distance is None and all(r.distance is None for r in result)
+    assert "to reference" not in result.to_markdown()
+    with open(result.to_csv(tmp_path / "p.csv")) as fh:
+        assert "distance" not in next(csv.reader(fh))
+    blob = json.loads(open(result.to_json(tmp_path / "p.json")).read())
+    assert "distance" not in blob and all("distance" not in r for r in blob["rows"])
+
+
+def test_the_sweep_measures_a_sample_distance_of_each_solver(tmp_path):
+    result = _distance_sweep(distance="mmd")
+    assert result.distance == "mmd"
+    euler2, euler8, rk4 = result.row("euler", steps=2), result.row("euler", steps=8), result.row("rk4", steps=8)
+    assert euler2.distance > euler8.distance > rk4.distance > 0  # finer solves sample closer to the reference
+    assert "MMD to reference" in result.to_markdown().splitlines()[0]
+    with open(result.to_csv(tmp_path / "p.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert float(rows[0]["distance"]) == pytest.approx(result.rows[0].distance)
+    assert json.loads(open(result.to_json(tmp_path / "p.json")).read())["distance"] == "mmd"
+
+
+def test_w2_in_the_sweep_is_bounded_by_the_per_sample_error():
+    pytest.importorskip("ot")
+    result = _distance_sweep(task=Task(distance="w2"))
+    for row in result:
+        # pairing each sample with its own reference is one transport plan: W2 <= its RMS error
+        assert 0 < row.distance <= row.max_terminal_error + 1e-6
+    assert "W2 to reference" in result.to_markdown()
+
+
+def test_a_distance_function_is_called_on_the_final_states_and_named():
+    calls = []
+
+    def spread_gap(samples, reference):
+        calls.append((samples.shape, reference.shape))
+        return float((samples.std(0) - reference.std(0)).abs().sum())
+
+    result = _distance_sweep(distance=spread_gap)
+    assert calls and all(shapes == ((64, 2), (64, 2)) for shapes in calls)
+    assert result.distance == "spread_gap" and "spread_gap to reference" in result.to_markdown()
+    with pytest.raises(ValueError, match="unknown distance 'w1'"):
+        Task(distance="w1")
+    with pytest.raises(TypeError, match="distance must be a name"):
+        Task(distance=3)

@@ -21,10 +21,10 @@ LAYERS = [
      "_model_identity"},
     {"_reference", "hypernets", "validity", "_loop"},
     {"_residuals", "solvers"},
-    {"_wrapped", "multistage", "registry", "_time_grid"},
-    {"guard", "harvest", "control", "plots"},
+    {"_wrapped", "multistage", "registry", "_time_grid", "nonstationary"},
+    {"guard", "harvest", "control", "plots", "flow_matching"},
     {"_optimisation", "evaluate", "fit", "io"},
-    {"budget", "tuning", "lightning"},
+    {"budget", "tuning", "lightning", "shards"},
     {"_compat", "__init__"},
 ]
 

@@ -155,7 +155,7 @@ def test_residual_fitting_warns_that_the_inner_net_is_not_fitted():
     trajectories = harvest(Oscillator(), torch.rand(32, 2) * 2 - 1, SPAN, steps=[4])
     hs = multistage(MIDPOINT)
     inner = [p.detach().clone() for p in hs.hypernet.inner.parameters()]
-    with pytest.warns(UserWarning, match="only the outer g is fitted; use method='trajectory'"):
+    with pytest.warns(UserWarning, match="only g is fitted; use method='trajectory'"):
         fit(hs, trajectories, iterations=5, progress=False, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(inner, hs.hypernet.inner.parameters()))
 

@@ -65,6 +65,10 @@ WRAPPED = "we've wrapped it for you"  # torchdyn's notice, printed per NeuralODE
 # What a block must print (regular expressions, one line each): the phrases, shapes, counts and
 # table rows its comments promise. Not measured errors or times.
 EXPECT = {
+    "docs/flow-matching.md[0]": [r"^\| 4 \| Hyper\w+", r"^samples: \(256, 2\)$"],
+    "docs/flow-matching.md[1]": [r"^shape: \(2, 512, 2\)$"],
+    "docs/flow-matching.md[2]": [r"labels kept: \[0, 1, 2, 3, 3\]"],
+    "docs/flow-matching.md[3]": [r"W2 to reference"],
     "README.md[0]": [r"^\| NFE \| choice \|", r"^\| 4 \| Hyper\w+", r"^\| 8 \| Hyper\w+"],
     "README.md[1]": [
         r"^residual fit, 200 iterations",
@@ -122,6 +126,9 @@ def test_expectations_name_existing_blocks():
 
 @pytest.mark.parametrize(("name", "code"), BLOCKS, ids=[name for name, _ in BLOCKS])
 def test_snippet_runs(name, code, tmp_path, monkeypatch, capsys):
+    if name.startswith("docs/flow-matching.md"):  # the [flow] extra
+        pytest.importorskip("torchcfm")
+        pytest.importorskip("ot")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, name, "exec"), {"__name__": "__snippet__"})
     out = capsys.readouterr().out

@@ -45,6 +45,8 @@ def tuned():
         bases=(HyperEuler, HyperMidpoint),
         iterations=150,
         grid_iterations=30,
+        budget_iterations=0,  # the residual-fitted candidates' choice (finalists: test_tune_finalists.py)
+        g_sizes=((64, 64),),
         progress=False,
     )
     return model.vf, model, x, result

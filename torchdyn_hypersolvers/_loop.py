@@ -2,8 +2,8 @@
 
 ``fixed_solve`` runs any torchdyn-protocol fixed-step solver over a mesh with no
 comparisons against the mesh and no host synchronisation inside the loop, keeps only
-the states asked for, and can compile the step or capture the whole solve as a CUDA
-graph. The compiled steps and graphs are cached per solver.
+the states asked for, and can compile the solve (or, on long meshes, its step) or capture
+the whole solve as a CUDA graph. The compiled solves, steps and graphs are cached per solver.
 
 A solver may be shared by threads that solve at once: the loop keeps its state in locals, a
 solver's per-solve state is per thread, and the cache below is safe to share (see :class:`_Cache`).
@@ -12,7 +12,9 @@ solver's per-solve state is per thread, and the cache below is safe to share (se
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+import types
 from typing import Callable, Union
 
 import torch
@@ -24,8 +26,11 @@ from ._states import check_state
 from ._user_model import check_vector_field
 from .tableaus import VectorField
 
-__all__ = ["fixed_solve"]
+__all__ = ["fixed_solve", "UNROLLED_STEPS"]
 
+UNROLLED_STEPS = 32
+"""With ``compile``, a mesh of up to this many steps is compiled as one graph (the whole solve: one
+compilation per step count); a longer one step by step (one compilation for every mesh)."""
 
 
 def fixed_solve(
@@ -44,8 +49,11 @@ def fixed_solve(
     ``torch.no_grad()`` the loop runs in ``torch.inference_mode()``.
 
     Args:
-        compile: ``True`` (inductor) or a ``torch.compile`` backend name: the step is
-            compiled once per (solver, vector field, direction) and reused.
+        compile: ``True`` (inductor) or a ``torch.compile`` backend name. A mesh of up to
+            :data:`UNROLLED_STEPS` steps is solved by one compiled graph, made once per (solver,
+            vector field, direction, step count, return_trajectory); on a longer mesh the step is
+            compiled, once per (solver, vector field, direction). Either serves every batch size and
+            both ``torch.no_grad()`` and ``torch.inference_mode()``; with gradients on, it compiles anew.
         cuda_graph: capture the whole solve as one CUDA graph and replay it (CUDA
             tensors, no gradient); one capture per (shape, dtype, mesh, vector field).
     """
@@ -63,14 +71,21 @@ def fixed_solve(
     t_span = t_span.to(z0.device)
     user_f, backwards = f, bool(t_span[1] < t_span[0])
     f, t_span = forward_time(f, t_span)
-    ts, dts = t_span[:-1].unbind(0), (t_span[1:] - t_span[:-1]).unbind(0)
-    step = _compiled_step(stepper, user_f, f, backwards, compile) if compile else _eager_step(stepper, f)
+    steps = len(t_span) - 1
+    per_step = bool(compile) and (cuda_graph or steps > UNROLLED_STEPS)
+    step = _compiled_step(stepper, user_f, f, backwards, compile) if per_step else _eager_step(stepper, f)
     if cuda_graph:
+        ts, dts = _step_times(t_span)
         return _graphed(stepper, user_f, step, z0, t_span, ts, dts, return_trajectory)
+    if compile and not per_step:
+        solve = _compiled_solve(stepper, user_f, step, (backwards, compile, steps, return_trajectory))
+    else:
+        solve = functools.partial(_loop, step, return_trajectory=return_trajectory)
     mode = torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext()
     try:
-        with mode:
-            return _loop(step, z0, ts, dts, return_trajectory)
+        with mode:  # the inputs are made here: one kind of tensor whatever mode the caller is in
+            ts, dts = _step_times(t_span)
+            return solve(_compile_input(z0) if compile else z0, ts, dts)
     except TypeError:
         check_vector_field(user_f)  # a named error when f cannot be called as f(t, z); no cost otherwise
         raise
@@ -80,7 +95,23 @@ def _eager_step(stepper: nn.Module, f: VectorField) -> Callable[[Tensor, Tensor,
     return lambda z, t, dt: stepper.step(f, z, t, dt)[1]
 
 
-def _loop(step, z0: Tensor, ts, dts, return_trajectory: bool) -> Tensor:
+def _step_times(t_span: Tensor):
+    return t_span[:-1].unbind(0), (t_span[1:] - t_span[:-1]).unbind(0)
+
+
+def _compile_input(z0: Tensor) -> Tensor:
+    """The initial state handed to a compiled solve or step: without gradients an inference tensor, like
+    the states the loop makes (under ``torch.no_grad()`` the caller's z0 is an ordinary tensor, under
+    ``torch.inference_mode()`` an inference tensor; torch.compile tells the two apart and would compile
+    once for each), with its batch dimension marked dynamic (one compilation for every batch size). A new
+    tensor object, so that the mark is not left on the caller's."""
+    z = (z0 if z0.is_inference() else z0.clone()) if not torch.is_grad_enabled() else z0.view_as(z0)
+    if z.dim() > 0:
+        torch._dynamo.maybe_mark_dynamic(z, 0)
+    return z
+
+
+def _loop(step, z0: Tensor, ts, dts, return_trajectory: bool = True) -> Tensor:
     z, traj = z0, [z0]
     for t, dt in zip(ts, dts):
         z = step(z, t, dt)
@@ -121,9 +152,32 @@ def _compiled_step(stepper, user_f, f, backwards: bool, compile: Union[bool, str
     key = ("compiled", id(user_f), backwards, backend)
     entry = _cache(stepper).get(key)
     if entry is None or entry[0] is not user_f:
-        entry = (user_f, torch.compile(_eager_step(stepper, f), backend=backend, dynamic=False))
+        entry = (user_f, torch.compile(_own_code(_eager_step(stepper, f)), backend=backend))
         _cache(stepper)[key] = entry
     return entry[1]
+
+
+def _compiled_solve(stepper, user_f, step, setting: tuple):
+    """The whole loop over a mesh of ``steps`` steps compiled as one graph, for ``setting = (backwards,
+    compile, steps, return_trajectory)``: one call per solve instead of one per step."""
+    backwards, compile, steps, return_trajectory = setting
+    backend = "inductor" if compile is True else compile
+    key = ("compiled solve", id(user_f), backwards, backend, steps, return_trajectory)
+    entry = _cache(stepper).get(key)
+    if entry is None or entry[0] is not user_f:
+        solve = functools.partial(_loop, step, return_trajectory=return_trajectory)
+        entry = (user_f, torch.compile(_own_code(lambda z, ts, dts: solve(z, ts, dts)), backend=backend))
+        _cache(stepper)[key] = entry
+    return entry[1]
+
+
+def _own_code(step: Callable) -> Callable:
+    """``step`` with a code object of its own. torch.compile keeps its compilations, and counts them
+    against its recompile limit (then runs eagerly), per code object; every step made by
+    :func:`_eager_step` shares one, so without this the steps of a few solvers or fields would fill
+    the limit together."""
+    code = step.__code__.replace()
+    return types.FunctionType(code, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
 
 
 def _graphed(stepper, user_f, step, z0: Tensor, t_span: Tensor, ts, dts, return_trajectory: bool) -> Tensor:

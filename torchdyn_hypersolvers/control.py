@@ -70,7 +70,7 @@ class ControlledSystem(nn.Module):
             raise ValueError(f"the control has {u.shape[-1]} channels, the system control_dim={self.control_dim}")
         return torch.cat([x, u.expand(*x.shape[:-1], self.control_dim)], dim=-1)
 
-    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+    def forward(self, t: Tensor, z: Tensor, args=None) -> Tensor:  # torchdyn passes args=
         x, u = self.split(z)
         dx = self.dynamics(t, x, u)
         return torch.cat([dx, torch.zeros_like(u)], dim=-1)

@@ -27,7 +27,7 @@ from ._mesh import check_t_span, mesh_union
 from ._reference import Reference, reference_solve
 from ._residuals import correction_inputs
 from ._user_model import preserved, resolve_model
-from .metrics import global_truncation_error, pareto_front, task_decrement, terminal_mape
+from .metrics import DISTANCES, global_truncation_error, pareto_front, task_decrement, terminal_mape
 from .registry import resolve_solver
 from .solvers import HyperSolver
 
@@ -63,9 +63,18 @@ class ParetoRow:
     pareto_nfe: bool = False
     pareto_macs: bool = False
     pareto_wall: bool = False
+    distance: Optional[float] = None
+    """The sample distance of the final states to the reference's (``Task(distance=...)``), else None."""
 
 
 COLUMNS = [f.name for f in fields(ParetoRow)]
+
+
+def _columns(rows: Sequence[ParetoRow]) -> List[str]:
+    """The export columns: ``distance`` only when a row has one (sweeps without it export as before)."""
+    if any(r.distance is not None for r in rows):
+        return COLUMNS
+    return [c for c in COLUMNS if c != "distance"]
 
 
 @dataclass
@@ -75,6 +84,8 @@ class ParetoResult:
     rows: List[ParetoRow]
     reference: str
     reference_tol: float
+    distance: Optional[str] = None
+    """The name of the rows' sample distance (``'w2'``, ``'mmd'``, a function's name), None without one."""
 
     def __iter__(self) -> Iterator[ParetoRow]:
         return iter(self.rows)
@@ -114,28 +125,37 @@ class ParetoResult:
 
     def to_csv(self, path: Union[str, os.PathLike]) -> str:
         with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            columns = _columns(self.rows)
+            writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             for row in self.rows:
-                writer.writerow(asdict(row))
+                values = asdict(row)
+                writer.writerow({c: values[c] for c in columns})
         return str(path)
 
     def to_json(self, path: Union[str, os.PathLike]) -> str:
+        columns = set(_columns(self.rows))
         blob = {
             "reference": self.reference,
             "reference_tol": self.reference_tol,
-            "rows": [asdict(r) for r in self.rows],
+            "rows": [{c: v for c, v in asdict(r).items() if c in columns} for r in self.rows],
         }
+        if self.distance is not None:
+            blob["distance"] = self.distance
         with open(path, "w") as fh:
             json.dump(blob, fh, indent=2)
         return str(path)
 
     def to_markdown(self) -> str:
         """A markdown table; ``*`` marks points on the error-vs-NFE front, ``m`` on the
-        error-vs-MACs front, ``w`` on the error-vs-wall-clock front."""
+        error-vs-MACs front, ``w`` on the error-vs-wall-clock front. A sample distance, when the
+        sweep measured one, is a column after the terminal error."""
         has_task = any(r.task_decrement is not None for r in self.rows)
+        has_distance = any(r.distance is not None for r in self.rows)
         head = "| solver | steps / tol | NFE | g calls | MACs | wall (ms) | terminal MAPE (%) | terminal error |"
         rule = "|---|---|---|---|---|---|---|---|"
+        if has_distance:
+            head, rule = head + f" {_distance_title(self.distance)} |", rule + "---|"
         if has_task:
             head, rule = head + " task decrement |", rule + "---|"
         lines = [head + " front |", rule + "---|"]
@@ -152,6 +172,8 @@ class ParetoResult:
                 f"{r.terminal_mape:.3g}",
                 f"{r.terminal_error:.3g}",
             ]
+            if has_distance:
+                cells.append("" if r.distance is None else f"{r.distance:.3g}")
             if has_task:
                 cells.append("" if r.task_decrement is None else f"{r.task_decrement:.2f}")
             lines.append("| " + " | ".join(cells + [marks]) + " |")
@@ -174,6 +196,11 @@ class ParetoResult:
             for cost in ("nfe", "macs", "wall_ms"):
                 paths[f"png_{cost}"] = plot_pareto(self, os.path.join(out_dir, f"{prefix}_{cost}.png"), cost=cost)
         return paths
+
+
+def _distance_title(name: Optional[str]) -> str:
+    titles = {"w2": "W2 to reference", "mmd": "MMD to reference"}
+    return titles.get(name or "", f"{name or 'distance'} to reference")
 
 
 def _setting(row: ParetoRow) -> str:
@@ -263,8 +290,10 @@ def pareto(
             class name. Labels must be unique (look rows up with :meth:`ParetoResult.row`).
         reference: what errors are measured against: an adaptive solver's name (at tolerance
             1e-7) or a :class:`~.harvest.Reference`; ``reference_tol=`` (a keyword) sets its tolerance.
-        task: the task metric (:class:`Task`); ``head=``, ``labels=``, ``metric=`` (keywords) build
-            one. The row's ``task_decrement`` is ``metric(head(reference)) - metric(head(solution))``.
+        task: the task metric (:class:`Task`); ``head=``, ``labels=``, ``metric=``, ``distance=``
+            (keywords) build one. The row's ``task_decrement`` is ``metric(head(reference)) -
+            metric(head(solution))``; with a ``distance`` (``'w2'``, ``'mmd'`` or ``fn(samples,
+            reference) -> float``) the row's ``distance`` is that of the final states to the reference's.
         repeats: interleaved timing repeats (median); ``timing=False`` skips timing.
 
     Each row counts NFE of f and calls of g (counted, not assumed), MACs of f and g
@@ -291,20 +320,20 @@ def pareto(
         if timing:
             sweep.time(repeats)
     _mark_fronts(sweep.rows)
-    return ParetoResult(sweep.rows, reference.full_name, reference.atol)
+    return ParetoResult(sweep.rows, reference.full_name, reference.atol, task.distance_name)
 
 
 def _sweep_options(reference, task: Optional[Task], options: Dict) -> Tuple[Reference, Task]:
     """The sweep's reference (tolerance 1e-7 unless given) and task, from the arguments and the
-    keyword forms ``reference_tol=``, ``head=``, ``labels=``, ``metric=``."""
-    unknown = sorted(set(options) - {"reference_tol", "head", "labels", "metric"})
+    keyword forms ``reference_tol=``, ``head=``, ``labels=``, ``metric=``, ``distance=``."""
+    unknown = sorted(set(options) - {"reference_tol", "head", "labels", "metric", "distance"})
     if unknown:
         raise TypeError(f"pareto() got unexpected keyword arguments {unknown}")
     tol = options.get("reference_tol")
     chosen = Reference.of(reference, atol=tol, rtol=tol)
     chosen = Reference.of(chosen, atol=chosen.atol or 1e-7, rtol=chosen.rtol or 1e-7)
     task = task if task is not None else Task()
-    given = {k: options[k] for k in ("head", "labels", "metric") if options.get(k) is not None}
+    given = {k: options[k] for k in ("head", "labels", "metric", "distance") if options.get(k) is not None}
     return chosen, dataclasses.replace(task, **given) if given else task
 
 
@@ -366,21 +395,54 @@ def _count_g(stepper: nn.Module) -> Iterator[CallCounter]:
         yield CallCounter(None)
 
 
+Distance = Union[str, Callable[[Tensor, Tensor], float]]
+
+
 @dataclass(frozen=True)
 class Task:
     """A sweep's task metric: how much ``metric(head(final state), labels)`` drops from the
     reference's. ``head`` None: no task (for an ``nn.Sequential`` model, :func:`pareto` uses the
     layers after its NeuralODE); ``labels`` None: the reference's own predictions; ``metric`` None:
-    accuracy."""
+    accuracy.
+
+    ``distance``: a sample distance of each solver's final states to the reference's, the cost in
+    sample quality of a sampler: ``'w2'`` (:func:`~.metrics.wasserstein2`, needs POT), ``'mmd'``
+    (:func:`~.metrics.mmd`) or a function ``(samples, reference) -> float``. None: not measured."""
 
     head: Optional[Callable[[Tensor], Tensor]] = None
     labels: Optional[Tensor] = None
     metric: Optional[Callable[[Tensor, Tensor], float]] = None
+    distance: Optional[Distance] = None
+
+    def __post_init__(self) -> None:
+        d = self.distance
+        if isinstance(d, str) and d.lower() not in DISTANCES:
+            raise ValueError(
+                f"unknown distance {d!r}: pass one of {sorted(DISTANCES)} or a function (samples, reference)"
+            )
+        if d is not None and not isinstance(d, str) and not callable(d):
+            raise TypeError(f"distance must be a name ({sorted(DISTANCES)}) or a function, got {type(d).__name__}")
+
+    @property
+    def distance_name(self) -> Optional[str]:
+        """The distance's name (a function's ``__name__``), None without one."""
+        d = self.distance
+        if d is None or isinstance(d, str):
+            return None if d is None else d.lower()
+        return getattr(d, "__name__", type(d).__name__)
 
     def decrement(self, final: Tensor, ref_final: Tensor) -> Optional[float]:
         if self.head is None:
             return None
         return task_decrement(self.head, final, ref_final, self.labels, self.metric)
+
+    def sample_distance(self, final: Tensor, ref_final: Tensor) -> Optional[float]:
+        """The distance of the final states to the reference's (None without a distance)."""
+        d = self.distance
+        if d is None:
+            return None
+        fn = DISTANCES[d.lower()] if isinstance(d, str) else d
+        return float(fn(final, ref_final))
 
 
 def _row(
@@ -416,6 +478,7 @@ def _row(
         max_terminal_error=float(errors.max()),
         global_error=None if global_error is None else float(global_error),
         task_decrement=task.decrement(final, ref_final),
+        distance=task.sample_distance(final, ref_final),
     )
 
 

@@ -427,6 +427,9 @@ def fit(
 ) -> FitReport:
     """Fit the hypersolver's g on harvested trajectories; only g's parameters change.
 
+    ``trajectories`` may be a sharded harvest on disk (:class:`~.shards.ShardedTrajectories`): residual
+    fitting then reads one shard at a time (:func:`~.shards.fit_shards`).
+
     Args:
         method: ``'residual'`` (targets precomputed, one call of g per iteration) or
             ``'trajectory'`` (unroll the hypersolver over each mesh and match the reference).
@@ -456,6 +459,10 @@ def fit(
         TypeError: a keyword that is neither an argument nor a field of :class:`Recipe`.
         FitDivergedError: the loss or gradient became non-finite; g keeps its last finite weights.
     """
+    streamed = getattr(trajectories, "_fit_streamed", None)
+    if streamed is not None:  # a sharded harvest on disk (shards.ShardedTrajectories): one shard in memory at a time
+        options = dict(method=method, recipe=recipe, adversarial=adversarial, device=device, progress=progress)
+        return streamed(hs, seed=seed, noise_sample=noise_sample, **options, **overrides)
     recipe = resolve_recipe(recipe, overrides, "fit", positional="iterations")
     _check_arguments(hs, trajectories, method, adversarial, noise_sample)
     trajectories, f, params = _placed(hs, trajectories, device)
@@ -484,8 +491,9 @@ def _check_arguments(hs: HyperSolver, trajectories: Trajectories, method: str, a
         raise ValueError(f"unknown fitting method {method!r}; expected one of {METHODS}")
     if method == "residual" and getattr(hs, "fitted_by_trajectory", False):
         warnings.warn(
-            f"{type(hs).__name__} corrects its stages with an inner net that residual fitting cannot "
-            "reach (its residuals do not separate): only the outer g is fitted; use method='trajectory'",
+            f"{type(hs).__name__}'s steps are not its base tableau's (an inner net or learned per-step "
+            "coefficients), which residual fitting cannot reach (its residuals do not separate): only g is "
+            "fitted; use method='trajectory' or budget.fit_budget",
             UserWarning,
             stacklevel=3,
         )

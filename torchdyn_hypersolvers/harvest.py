@@ -240,17 +240,7 @@ def harvest(
     with preserved(*owned), torch.no_grad():
         z0s, inputs_digest = _initial_states(inputs, initial_state, module, batch_size, max_trajectories)
         field, atol, rtol = _reference_settings(f, z0s, t, meshes, tableau, atol, rtol)
-        fingerprint = {
-            "f": _model_digest(f, owned),
-            "inputs": inputs_digest,
-            "reference": reference,
-            "atol": repr(atol),
-            "rtol": repr(rtol),
-            "dtype": str(z0s[0].dtype if field is None else torch.float64),
-            "state_shape": str(tuple(z0s[0].shape[1:])),
-            "trajectories": str(sum(z0.shape[0] for z0 in z0s)),
-            "mesh": _mesh_digest(t, meshes),
-        }
+        fingerprint = _fingerprint(f, owned, z0s, inputs_digest, field, reference, atol, rtol, t, meshes)
         if cache is not None and os.path.exists(cache):
             loaded = _read_cache(cache, f, device, t, meshes, fingerprint)
             if loaded is not None:
@@ -267,6 +257,22 @@ def harvest(
     if cache is not None:
         result.save(cache)
     return result
+
+
+def _fingerprint(f, owned, z0s: List[Tensor], inputs_digest: str, field, reference: str, atol, rtol, t, meshes):
+    """What a harvest is made from: digests of f and the initial states; reference, tolerances,
+    dtype, state shape, count and meshes (``Trajectories.fingerprint``)."""
+    return {
+        "f": _model_digest(f, owned),
+        "inputs": inputs_digest,
+        "reference": reference,
+        "atol": repr(atol),
+        "rtol": repr(rtol),
+        "dtype": str(z0s[0].dtype if field is None else torch.float64),
+        "state_shape": str(tuple(z0s[0].shape[1:])),
+        "trajectories": str(sum(z0.shape[0] for z0 in z0s)),
+        "mesh": _mesh_digest(t, meshes),
+    }
 
 
 def _reference_settings(f, z0s: List[Tensor], t: Tensor, meshes, tableau, atol, rtol):

@@ -25,8 +25,9 @@ from ._records import report_record, tableau_of, tableau_record, trajectories_re
 from ._solver_names import resolve_base
 from ._version import __version__
 from ._wrapped import unwrap
+from .nonstationary import NonStationaryCoefficients
 from .solvers import BaseLike, HyperSolver
-from .tableaus import ButcherTableau
+from .tableaus import TABLEAUS, ButcherTableau
 from .validity import Validity
 
 __all__ = ["FORMAT_VERSION", "save", "load"]
@@ -35,7 +36,12 @@ FORMAT_VERSION = 1
 """Version of the file layout; ``load`` refuses files from a newer one."""
 
 _KIND = "torchdyn_hypersolvers.hypersolver"
-_HYPERNETS = {"MLPHyperNet": hypernets.MLPHyperNet, "ConvHyperNet": hypernets.ConvHyperNet}
+_HYPERNETS = {
+    "MLPHyperNet": hypernets.MLPHyperNet,
+    "ConvHyperNet": hypernets.ConvHyperNet,
+    "NonStationaryCoefficients": NonStationaryCoefficients,
+}
+_COEFFICIENTS_KEYS = {"base", "steps", "convention", "g"}
 _REQUIRED = ("format_version", "tableau", "solver", "convention", "hypernet", "state_dict")
 PathLike = Union[str, os.PathLike]
 
@@ -150,18 +156,20 @@ def _read(path: PathLike, map_location) -> Dict[str, Any]:
     for key in ("solver", "convention"):
         if not isinstance(blob[key], str):
             raise ValueError(f"{os.fspath(path)!s} is corrupt: its {key} must be a str, got {blob[key]!r}")
-    record = blob["hypernet"]
+    _check_record(blob["hypernet"], path, "hypernet")
+    return blob
+
+
+def _check_record(record, path: PathLike, what: str) -> None:
+    """A hypernet record is well typed: ``class`` a str, ``module`` a str or None, ``config`` a dict or None."""
     if not isinstance(record, dict) or not isinstance(record.get("class"), str):
         raise ValueError(
-            f"{os.fspath(path)!s} is corrupt: its hypernet record needs a class name (a str), got {record!r}"
+            f"{os.fspath(path)!s} is corrupt: its {what} record needs a class name (a str), got {record!r}"
         )
     if record.get("module") is not None and not isinstance(record["module"], str):
-        raise ValueError(f"{os.fspath(path)!s} is corrupt: its hypernet module must be a str, got {record['module']!r}")
+        raise ValueError(f"{os.fspath(path)!s} is corrupt: its {what} module must be a str, got {record['module']!r}")
     if record.get("config") is not None and not isinstance(record["config"], dict):
-        raise ValueError(
-            f"{os.fspath(path)!s} is corrupt: its hypernet config must be a dict, got {record['config']!r}"
-        )
-    return blob
+        raise ValueError(f"{os.fspath(path)!s} is corrupt: its {what} config must be a dict, got {record['config']!r}")
 
 
 def _is_trajectories(blob) -> bool:
@@ -189,21 +197,20 @@ def _check_fits(g: nn.Module, state: Dict[str, torch.Tensor], path: PathLike, sa
         )
 
 
-def _rebuild_hypernet(record: Dict[str, Any], state: Dict[str, torch.Tensor], path: PathLike) -> nn.Module:
-    cls = _HYPERNETS.get(record["class"])
-    if cls is None or record.get("module") != hypernets.__name__ or record.get("config") is None:
-        raise ValueError(
-            f"{os.fspath(path)!s} holds the weights of a user hypernet {record['class']} (from module "
-            f"{record.get('module')}), which load cannot rebuild: pass an instance, "
-            f"load(path, g={record['class']}(...))"
-        )
+def _rebuild_hypernet(
+    record: Dict[str, Any], state: Dict[str, torch.Tensor], path: PathLike, tableau: Optional[ButcherTableau] = None
+) -> nn.Module:
+    """g rebuilt from its record, once the parameter shapes its config implies (built on the meta device,
+    nothing allocated) are those of the stored weights. ``tableau``: the solver's, which a
+    ``NonStationaryCoefficients`` must start from."""
+    build = _builder(record, path, tableau)
     config = record["config"]
     try:  # the parameter shapes the config implies, without allocating them
         with torch.device("meta"):
-            shell = cls(**config)
+            shell = build()
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(
-            f"{os.fspath(path)!s} is corrupt: its hypernet config {config!r} does not build a {cls.__name__}: "
+            f"{os.fspath(path)!s} is corrupt: its hypernet config {config!r} does not build a {record['class']}: "
             f"{type(err).__name__}: {err}"
         ) from err
     implied = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
@@ -220,7 +227,61 @@ def _rebuild_hypernet(record: Dict[str, Any], state: Dict[str, torch.Tensor], pa
             f"shapes than the {sum(v.numel() for v in state.values())} stored: {'; '.join(differ[:6])}"
         )
     with torch.random.fork_rng(devices=[]):  # building it must not move the caller's RNG
-        return cls(**config)
+        return build()
+
+
+_PASS_COEFFICIENTS = "load(path, g=NonStationaryCoefficients(base, steps, g={}(...)))"
+
+
+def _builder(
+    record: Dict[str, Any], path: PathLike, tableau: Optional[ButcherTableau], hint: str = "load(path, g={}(...))"
+) -> Callable[[], nn.Module]:
+    """A function that builds g from its record (refused, with how to load it instead, for a user's g)."""
+    name = record["class"]
+    cls = _HYPERNETS.get(name)
+    if cls is NonStationaryCoefficients and record.get("config") is None:  # saved before it had a config
+        raise ValueError(
+            f"{os.fspath(path)!s} holds NonStationaryCoefficients saved without their config, which load cannot "
+            f"rebuild: pass {_PASS_COEFFICIENTS.format('YourG')} (g=None for none)"
+        )
+    if cls is None or record.get("module") != cls.__module__ or record.get("config") is None:
+        raise ValueError(
+            f"{os.fspath(path)!s} holds the weights of a user hypernet {name} (from module "
+            f"{record.get('module')}), which load cannot rebuild: pass an instance, {hint.format(name)}"
+        )
+    config = record["config"]
+    if cls is NonStationaryCoefficients:
+        return _coefficients_builder(config, path, tableau)
+    return lambda: cls(**config)
+
+
+def _coefficients_builder(config: Dict[str, Any], path: PathLike, tableau: Optional[ButcherTableau]) -> Callable:
+    """A function that builds a ``NonStationaryCoefficients`` (and its g) from its checked config."""
+    where = f"{os.fspath(path)!s} is corrupt"
+    if set(config) != _COEFFICIENTS_KEYS:
+        raise ValueError(
+            f"{where}: its NonStationaryCoefficients config has the keys {sorted(config)}, "
+            f"not {sorted(_COEFFICIENTS_KEYS)}"
+        )
+    base = config["base"]
+    if isinstance(base, str):
+        if base not in TABLEAUS:
+            raise ValueError(f"{where}: its coefficients' base {base!r} is none of {sorted(TABLEAUS)}")
+        base = TABLEAUS[base]
+    else:
+        base = tableau_of(base, f"{where} (the coefficients' base)")
+    if tableau is not None and base != tableau:
+        raise ValueError(
+            f"{where}: its coefficients start from base {base.name!r}, not from the solver's {tableau.name!r}"
+        )
+    inner = config["g"]
+    if inner is not None:
+        _check_record(inner, path, "coefficients' g")
+        if inner["class"] == "NonStationaryCoefficients":
+            raise ValueError(f"{where}: its coefficients' g is NonStationaryCoefficients again")
+        inner = _builder(inner, path, None, _PASS_COEFFICIENTS)
+    steps, convention = config["steps"], config["convention"]
+    return lambda: NonStationaryCoefficients(base, steps, None if inner is None else inner(), convention)
 
 
 def _solver_class(name: str) -> type:
@@ -246,7 +307,8 @@ def load(
     Args:
         g: the hypernet to load the weights into. Optional for the package's
             ``MLPHyperNet`` / ``ConvHyperNet`` (rebuilt from the saved constructor
-            arguments); required for any other g. A g you pass keeps its device.
+            arguments) and a ``NonStationarySolver``'s ``NonStationaryCoefficients`` (with
+            no g or one of those); required for any other g. A g you pass keeps its device.
         map_location: as for ``torch.load``; a rebuilt g is placed where the weights land
             (the CPU by default, whatever device the hypersolver was saved from).
         base: the base solver you expect (a name, tableau or solver); a file fitted for
@@ -274,7 +336,7 @@ def load(
             )
     state = blob["state_dict"]
     if g is None:
-        g = _rebuild_hypernet(blob["hypernet"], state, path)
+        g = _rebuild_hypernet(blob["hypernet"], state, path, tableau)
         floating = [v for v in state.values() if v.is_floating_point()]
         if floating:
             g.to(device=floating[0].device, dtype=floating[0].dtype)

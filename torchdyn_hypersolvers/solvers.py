@@ -263,9 +263,10 @@ class FixedStepSolver(nn.Module):
     def solve(self, f: VectorField, z0: Tensor, t_span, return_trajectory: bool = True, **fast) -> Tensor:
         """Integrate over ``t_span``; the trajectory ``[T, ...]`` or only the final state.
 
-        ``fast`` options: ``compile=True`` (or a ``torch.compile`` backend name) compiles the step once per
-        (solver, vector field, direction); ``cuda_graph=True`` captures the whole solve as one CUDA graph
-        (CUDA tensors, no gradient) and replays it."""
+        ``fast`` options: ``compile=True`` (or a ``torch.compile`` backend name) compiles the whole solve
+        (meshes of up to 32 steps, once per step count) or the step (longer meshes), once per (solver,
+        vector field, direction), for every batch size and both no-grad modes; ``cuda_graph=True`` captures
+        the whole solve as one CUDA graph (CUDA tensors, no gradient) and replays it."""
         return fixed_solve(self, f, z0, t_span, return_trajectory, **fast)
 
     def extra_repr(self) -> str:
@@ -474,8 +475,9 @@ class HyperSolver(nn.Module, ResidualMethods):
     ) -> Tensor:
         """Integrate over ``t_span`` with the correction on (or off: the base solver): torchdyn's ``odeint``
         numbers, fast. ``fast`` options: ``compile=True`` (or a ``torch.compile`` backend name) compiles the
-        step once per (solver, vector field, direction); ``cuda_graph=True`` captures the whole solve as one
-        CUDA graph (CUDA tensors, no gradient) and replays it."""
+        whole solve (meshes of up to 32 steps, once per step count) or the step (longer meshes), once per
+        (solver, vector field, direction), for every batch size and both no-grad modes; ``cuda_graph=True``
+        captures the whole solve as one CUDA graph (CUDA tensors, no gradient) and replays it."""
         return fixed_solve(self if correct else self.base_solver, f, z0, t_span, return_trajectory, **fast)
 
     def extra_repr(self) -> str:

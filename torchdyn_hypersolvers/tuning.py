@@ -3,7 +3,10 @@
 ``tune`` holds out part of the inputs, harvests the rest once (targets as precise as the
 highest-order base needs), fits one g per candidate (base solver x hypernet options), compares
 every candidate with the classical solvers and dopri5 on the held-out inputs, keeps the best
-hypersolver per budget, and fits a time grid for it when that lowers the held-out error.
+hypersolver per budget, fits a time grid for it, then g and the grid together for the budget,
+end to end (each kept only when it lowers the held-out error). With the default g it also
+fits a wider g for each budget's best candidate; every finalist is timed on the held-out
+inputs, so that :meth:`TuneResult.cheapest` returns the fastest one that is accurate enough.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_int, nonfinite_rows
+from ._costs import median_times
 from ._files import check_writable, write_text_atomic
 from ._loop import fixed_solve
 from ._mesh import check_t_span
@@ -33,11 +37,13 @@ from ._reference import reference_solve
 from ._time_grid import fit_time_grid, grid_collision, grid_from_logits
 from ._user_model import check_field_output, owned_modules, preserved, resolve_model
 from .budget import fit_budget
-from .evaluate import ParetoResult, pareto
+from .evaluate import ParetoResult, Task, _distance_title, pareto
 from .fit import FitReport, fit, residual_data
-from .harvest import Trajectories, harvest
+from .harvest import Trajectories
 from .hypernets import MLPHyperNet
 from .io import save
+from .nonstationary import NonStationarySolver
+from .shards import gather_fitted, harvest_across_ranks, split_across_ranks
 from .solvers import FixedStepSolver, HyperEuler, HyperMidpoint, HyperRK4, HyperSolver
 
 __all__ = ["Choice", "Search", "TuneResult", "tune", "fit_time_grid", "grid_from_logits"]
@@ -50,6 +56,10 @@ PRUNE_FACTOR = 100.0
 many times the best classical solver's: g would have to learn the residual to better than 1%."""
 MATCH_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 GRID_GAIN = 0.99
+DEFAULT_G_SIZES = ((64, 64), (128, 128, 128))
+"""The default g's hidden layers: the first for every candidate, the wider ones for each budget's best."""
+BUDGET_NFE = 4
+"""Budget fits for more evaluations of f than this get proportionally fewer iterations (each costs more)."""
 """A learned grid is kept when its held-out error is below this fraction of the uniform grid's."""
 _DEPRECATED = {
     "CLASSICAL": ("the classical solver per stage count is private now", _CLASSICAL_BY_STAGES),
@@ -66,7 +76,9 @@ class Choice:
 
     ``error``: its held-out mean terminal error (L2 norm per input) on ``mesh``;
     ``uniform_error``: the same on the uniform mesh of ``steps`` steps (equal when no learned
-    grid beat it); ``wall_ms``: the median wall time of one solve of the held-out inputs."""
+    grid beat it); ``wall_ms``: the median wall time of one solve of the held-out inputs, g's
+    cost counted, measured interleaved with the budget's other finalists; ``g_size``: the hidden
+    layers of tune's default g (None for a g given as ``hypernet``)."""
 
     nfe: int
     label: str
@@ -79,6 +91,9 @@ class Choice:
     learned_grid: bool
     fitted_for_budget: bool = False
     """g and the grid were fitted together for this budget (``Search(budget_iterations=...)``)."""
+    g_size: Optional[Tuple[int, ...]] = None
+    distance: Optional[float] = None
+    """The sample distance of its final states to the reference's (``Search(distance=...)``), else None."""
 
 
 @dataclass
@@ -87,7 +102,9 @@ class TuneResult:
 
     ``held_out`` are the inputs compared on (``x[held_out_index]``); ``table`` the comparison
     (every candidate, the classical solvers and dopri5); ``pruned`` what was not fitted and why;
-    ``candidates`` every fitted hypersolver by label; ``target_error`` the error of ``match``."""
+    ``candidates`` every fitted hypersolver by label; ``target_error`` the error of ``match``;
+    ``options`` every budget's finalists (the choice and, with the default g, its wider-g rival),
+    each timed: what :meth:`cheapest` picks from."""
 
     choices: Dict[int, Choice]
     table: ParetoResult
@@ -99,6 +116,7 @@ class TuneResult:
     seconds: float = 0.0
     candidates: Dict[str, HyperSolver] = field(default_factory=dict, repr=False)
     fit_reports: Dict[str, object] = field(default_factory=dict, repr=False)
+    options: List[Choice] = field(default_factory=list, repr=False)
 
     def solver_for(self, nfe: int) -> Tuple[HyperSolver, Tensor]:
         """``(hypersolver, t_span)`` chosen for ``nfe`` evaluations of f."""
@@ -111,14 +129,20 @@ class TuneResult:
         return choice.solver, choice.mesh
 
     def cheapest(self, error: Optional[float] = None) -> Tuple[HyperSolver, Tensor]:
-        """The choice with the fewest NFE whose held-out error is at most ``error`` (default:
-        the error of the solver given as ``match``)."""
+        """``(hypersolver, t_span)`` of the fastest option (measured wall time on the held-out inputs;
+        fewer NFE on a tie) whose held-out error is at most ``error`` (default: the error of the
+        solver given as ``match``). It may be a budget's wider- or narrower-g finalist rather than
+        its choice: :attr:`options` lists them all."""
+        return self.fastest(error).solver, self.fastest(error).mesh
+
+    def fastest(self, error: Optional[float] = None) -> Choice:
+        """The option :meth:`cheapest` returns, with its numbers."""
         goal = self.target_error if error is None else error
         if goal is None:
             raise ValueError("cheapest needs an error (or a tune(..., match=...) result)")
-        for nfe in sorted(self.choices):
-            if self.choices[nfe].error <= goal:
-                return self.solver_for(nfe)
+        pool = [c for c in (self.options or self.choices.values()) if c.error <= goal]
+        if pool:
+            return min(pool, key=lambda c: (c.wall_ms, c.nfe))
         errors = ", ".join(f"NFE {n}: {c.error:.3g}" for n, c in sorted(self.choices.items()))
         raise ValueError(f"no tuned budget reaches a held-out error of {goal:.3g} ({errors}); tune larger budgets")
 
@@ -131,16 +155,30 @@ class TuneResult:
         for nfe, c in sorted(self.choices.items()):
             classical = self._best_classical(nfe)
             name, err = classical if classical else ("-", float("nan"))
-            grid = "g and grid fitted for the budget" if c.fitted_for_budget else f"{_grid_kind(c)} grid"
+            grid = _how_fitted(c)
             lines.append(
                 f"| {nfe} | {c.label} ({grid}) | {c.steps} | {c.error:.3g} | {c.uniform_error:.3g} | {name} "
-                f"| {err:.3g} | {c.wall_ms:.2f} |"
+                f"| {err:.3g} | {c.wall_ms:.2f} |" + ("" if c.distance is None else f" {c.distance:.3g} |")
             )
+        if any(c.distance is not None for c in self.choices.values()):
+            lines[0] += f" {_distance_title(self.table.distance)} |"
+            lines[1] += "---|"
         adaptive = [r for r in self.table if r.kind == "adaptive"]
         if adaptive:
             lines += ["", "| adaptive | tol | NFE | held-out error | wall (ms) |", "|---|---|---|---|---|"]
             lines += [
-                f"| {r.solver} | {r.tol:g} | {r.nfe} | {r.terminal_error:.3g} | {r.wall_ms:.2f} |" for r in adaptive
+                f"| {r.solver} | {r.tol:g} | {r.nfe} | {r.terminal_error:.3g} | {r.wall_ms:.2f} |"
+                + ("" if r.distance is None else f" {r.distance:.3g} |")
+                for r in adaptive
+            ]
+            if adaptive[0].distance is not None:
+                lines[-len(adaptive) - 2] += f" {_distance_title(self.table.distance)} |"
+                lines[-len(adaptive) - 1] += "---|"
+        if len(self.options) > len(self.choices):
+            lines += ["", "| NFE | finalist | g | held-out error | wall (ms) |", "|---|---|---|---|---|"]
+            lines += [
+                f"| {c.nfe} | {c.label} | {_size_name(c.g_size)} | {c.error:.3g} | {c.wall_ms:.2f} |"
+                for c in sorted(self.options, key=lambda c: (c.nfe, c.wall_ms))
             ]
         if self.target_error is not None:
             lines += ["", f"Target: {self.match} (held-out error {self.target_error:.3g})."]
@@ -176,7 +214,13 @@ class TuneResult:
             | {"mesh": c.mesh.tolist()}
             for n, c in self.choices.items()
         }
-        return json.dumps({"choices": numbers, "pruned": self.pruned, "target_error": self.target_error}, indent=2)
+        options = [
+            {"nfe": c.nfe, "label": c.label, "g_size": c.g_size, "error": c.error, "wall_ms": c.wall_ms}
+            for c in self.options
+        ]
+        return json.dumps(
+            {"choices": numbers, "options": options, "pruned": self.pruned, "target_error": self.target_error}, indent=2
+        )
 
 
 @dataclass(frozen=True)
@@ -195,12 +239,24 @@ class Search:
         grid, grid_iterations: fit a time grid for each budget's choice (kept only when it lowers
             the held-out error).
         budget_iterations: then fit the choice's g and grid together for its budget, end to end
-            (:func:`~.budget.fit_budget`, this many iterations; kept only when it lowers the held-out
-            error). 0 (the default): not done.
+            (:func:`~.budget.fit_budget`, this many iterations up to 4 evaluations of f,
+            proportionally fewer for more; kept only when it lowers the held-out error; it fits the
+            grid, so ``grid_iterations`` are not spent then). None (the default): half the
+            recipe's iterations; 0: not done.
+        g_sizes: the hidden layers of the default g: the first for every candidate, each other one
+            for every budget's best candidate (fitted, gridded and fitted for the budget the same
+            way); the finalists are timed and :meth:`TuneResult.cheapest` picks by time. Ignored
+            with a ``hypernet``.
+        coefficients_alone: with the budget fit, also fit, per budget whose best base has several
+            stages, that base's per-step coefficients alone (a
+            :class:`~.nonstationary.NonStationarySolver` without g: no cost per step beyond f's).
         held_out: the share of the inputs kept for the comparison and never fitted on.
         max_seconds: stop fitting new candidates and grids after this much wall time (the first
             candidate is always fitted; those skipped are listed in ``TuneResult.pruned``).
         seed: draws the held-out inputs; seeds each g's initialisation, its fit and the grids.
+        distance: a sample distance (``'w2'``, ``'mmd'`` or ``fn(samples, reference)``, as
+            :class:`~.evaluate.Task` takes it) measured for every row of the table and every finalist:
+            what a sampler costs in sample quality. None: not measured.
     """
 
     bases: Tuple[type, ...] = DEFAULT_BASES
@@ -209,7 +265,10 @@ class Search:
     recipe: Recipe = Recipe(iterations=2000)
     grid: bool = True
     grid_iterations: int = 200
-    budget_iterations: int = 0
+    budget_iterations: Optional[int] = None
+    g_sizes: Tuple[Tuple[int, ...], ...] = DEFAULT_G_SIZES
+    coefficients_alone: bool = True
+    distance: Any = None
     held_out: float = 0.25
     max_seconds: Optional[float] = None
     seed: int = 0
@@ -224,9 +283,24 @@ class Search:
         if not 0.0 < self.held_out < 1.0:
             raise ValueError(f"held_out must be a fraction in (0, 1), got {self.held_out!r}")
         check_int(self.grid_iterations, "grid_iterations", minimum=0)
-        check_int(self.budget_iterations, "budget_iterations", minimum=0)
+        if self.budget_iterations is not None:
+            check_int(self.budget_iterations, "budget_iterations", minimum=0)
+        object.__setattr__(self, "g_sizes", _check_sizes(self.g_sizes))
+        Task(distance=self.distance)  # refuses an unknown distance by name
         if self.max_seconds is not None and not self.max_seconds >= 0:
             raise ValueError(f"max_seconds must be None or a non-negative number, got {self.max_seconds!r}")
+
+
+def _check_sizes(sizes) -> Tuple[Tuple[int, ...], ...]:
+    """``g_sizes`` as a tuple of tuples, refused by value unless hidden-layer widths (positive ints)."""
+    def is_size(size) -> bool:
+        return isinstance(size, (tuple, list)) and len(size) > 0 and all(
+            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in size
+        )
+
+    if not isinstance(sizes, (tuple, list)) or not sizes or not all(map(is_size, sizes)):
+        raise ValueError(f"g_sizes must be a non-empty tuple of hidden-layer tuples of positive ints, got {sizes!r}")
+    return tuple(tuple(size) for size in sizes)
 
 
 def _resolve_search(search: Optional[Search], options: Dict[str, Any]) -> Search:
@@ -247,7 +321,7 @@ def _resolve_search(search: Optional[Search], options: Dict[str, Any]) -> Search
     return dataclasses.replace(search, **options) if options else search
 
 
-def _default_hypernet(state_shape: Tuple[int, ...]) -> Callable[[type, bool], nn.Module]:
+def _default_hypernet(state_shape: Tuple[int, ...]) -> Callable[..., nn.Module]:
     if len(state_shape) != 1:
         raise ValueError(
             f"tune's default g is an MLP for states (B, D), got states of shape (B, *{tuple(state_shape)}); "
@@ -255,9 +329,9 @@ def _default_hypernet(state_shape: Tuple[int, ...]) -> Callable[[type, bool], nn
         )
     (dim,) = state_shape
 
-    def make(cls: type, stage_aware: bool) -> nn.Module:
+    def make(cls: type, stage_aware: bool, hidden: Tuple[int, ...] = DEFAULT_G_SIZES[0]) -> nn.Module:
         stages = cls.tableau.stages if stage_aware else 1
-        return MLPHyperNet(dim, hidden=(64, 64), time=True, stages=stages, scaled=True)
+        return MLPHyperNet(dim, hidden=hidden, time=True, stages=stages, scaled=True)
 
     return make
 
@@ -319,7 +393,7 @@ def tune(
     target = _parse_match(match) if match is not None else None
     with preserved(*owned_modules(model), restore=True):  # every phase leaves the user's model as it was
         run = _setup(model, x, t_span, labels, device, search)
-        bar = _Bar(progress, 3 + 2 * len(search.bases) + (len(budgets) if search.grid else 0))
+        bar = _Bar(progress, 3 + 2 * len(search.bases) + len(budgets) * len(run.sizes))
         try:
             plan = _plan(run, budgets, bar)
             trajectories = _harvest(run, plan, bar)
@@ -330,7 +404,7 @@ def tune(
             bar.close()
     pruned = {**plan.pruned, **fitted.pruned, **chosen.pruned}
     _check_choices(budgets, chosen.choices, pruned)
-    return TuneResult(
+    result = TuneResult(
         chosen.choices,
         comparison.table,
         pruned,
@@ -341,7 +415,9 @@ def tune(
         time.perf_counter() - run.start,
         {label: c.hs for label, c in fitted.candidates.items()},
         {label: c.report for label, c in fitted.candidates.items()},
+        chosen.options,
     )
+    return gather_fitted({"result": result}, ["result"])["result"]  # under torchrun: rank 0's, on every rank
 
 
 @dataclass(frozen=True)
@@ -359,7 +435,8 @@ class _Run:
     labels: Optional[Tensor]
     device: Any
     dtype: Optional[torch.dtype]
-    make: Callable[[type, bool], nn.Module]
+    make: Callable[..., nn.Module]
+    sizes: Tuple[Optional[Tuple[int, ...]], ...]
     search: Search
     start: float
 
@@ -406,6 +483,7 @@ def _setup(model, x: Tensor, t_span, labels: Optional[Tensor], device, search: S
         device,
         _model_dtype(model, x),
         make,
+        search.g_sizes if search.hypernet is None else (None,),
         search,
         start,
     )
@@ -501,7 +579,10 @@ def _harvest(run: _Run, plan: _Plan, bar: _Bar) -> Trajectories:
     """Phase 2: one harvest of the fitting inputs, as precise as the highest-order base needs."""
     steps = sorted({n for counts in plan.steps.values() for n in counts})
     top = max(plan.steps, key=lambda c: c.tableau.order)
-    trajectories = harvest(run.model, run.x_fit, run.ends, steps=steps, base=top.tableau, device=run.device)
+    # across the ranks of a process group when one is initialised (a plain harvest otherwise)
+    trajectories = harvest_across_ranks(
+        run.model, run.x_fit, run.ends, steps=steps, base=top.tableau, device=run.device
+    )
     bar.update()
     return trajectories
 
@@ -513,6 +594,7 @@ class _Candidate:
     hs: HyperSolver
     steps: List[int]
     report: FitReport
+    size: Optional[Tuple[int, ...]] = None
 
 
 @dataclass
@@ -525,26 +607,29 @@ class _Fitted:
 
 def _fit_candidates(run: _Run, trajectories: Trajectories, plan: _Plan, bar: _Bar) -> _Fitted:
     """One g per base and option (a stage-aware g too, for a base of several stages)."""
-    candidates: Dict[str, _Candidate] = {}
-    pruned: Dict[str, str] = {}
-    for cls, steps in plan.steps.items():
-        for aware in [False] + ([True] if run.search.stage_aware and cls.tableau.stages > 1 else []):
-            label = cls.__name__ + (" (stage-aware g)" if aware else "")
-            if candidates and run.out_of_time():  # the first candidate is always fitted
-                pruned[label] = run.skipped()
-                continue
-            meshes = trajectories.replace(meshes={n: trajectories.meshes[n] for n in steps})
-            candidates[label] = _fit_one(run, cls, aware, meshes)
-            bar.update()
+    jobs = [
+        (cls, steps, aware, cls.__name__ + (" (stage-aware g)" if aware else ""))
+        for cls, steps in plan.steps.items()
+        for aware in [False] + ([True] if run.search.stage_aware and cls.tableau.stages > 1 else [])
+    ]
+    local: Dict[str, _Candidate] = {}
+    for cls, steps, aware, label in split_across_ranks(jobs):  # every job without a process group
+        if local and run.out_of_time():  # each rank's first candidate is always fitted
+            continue
+        meshes = trajectories.replace(meshes={n: trajectories.meshes[n] for n in steps})
+        local[label] = _fit_one(run, cls, aware, meshes, run.sizes[0])
+        bar.update()
+    candidates = gather_fitted(local, [label for *_, label in jobs], device=run.device)  # the same on every rank
+    pruned = {label: run.skipped() for *_, label in jobs if label not in candidates}
     return _Fitted(candidates, pruned)
 
 
-def _fit_one(run: _Run, cls: type, aware: bool, meshes: Trajectories) -> _Candidate:
-    """A fresh g (seeded; the caller's RNG untouched) for ``cls``, standardised when it scales its
-    own output, fitted with the search's recipe."""
+def _fit_one(run: _Run, cls: type, aware: bool, meshes: Trajectories, size: Optional[Tuple[int, ...]]) -> _Candidate:
+    """A fresh g (seeded; the caller's RNG untouched) for ``cls`` (of hidden layers ``size`` for the
+    default g), standardised when it scales its own output, fitted with the search's recipe."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.search.seed)
-        g = run.make(cls, aware)
+        g = run.make(cls, aware) if size is None else run.make(cls, aware, size)
     hs = cls(g)
     if run.dtype is not None:
         hs = hs.to(run.dtype)
@@ -552,7 +637,7 @@ def _fit_one(run: _Run, cls: type, aware: bool, meshes: Trajectories) -> _Candid
         g.standardize_(residual_data(hs, meshes))
     report = fit(hs, meshes, recipe=run.search.recipe, progress=False, seed=run.search.seed, device=run.device)
     hs.eval()
-    return _Candidate(hs, meshes.steps, report)
+    return _Candidate(hs, meshes.steps, report, size)
 
 
 @dataclass
@@ -584,6 +669,7 @@ def _compare(
             tolerances=tolerances,
             labels=run.labels,
             repeats=3,
+            distance=run.search.distance,
         )
     table.rows = [r for r in table.rows if r.kind != "hyper" or r.steps in candidates[r.solver].steps]
     bar.update()
@@ -593,10 +679,11 @@ def _compare(
 
 @dataclass
 class _Chosen:
-    """Phase 5: the choice per budget; the grids skipped for time, and why."""
+    """Phase 5: the choice per budget; what was skipped, and why; every budget's timed finalists."""
 
     choices: Dict[int, Choice]
     pruned: Dict[str, str]
+    options: List[Choice]
 
 
 @dataclass(frozen=True)
@@ -612,27 +699,87 @@ class _Ends:
 def _choose(
     run: _Run, budgets: List[int], trajectories: Trajectories, fitted: _Fitted, table: ParetoResult, bar: _Bar
 ) -> _Chosen:
-    """Per budget, a copy of the candidate with the lowest held-out error, with its time grid."""
+    """Per budget, the finalists: a copy of the candidate with the lowest held-out error, and the same
+    base with each wider default g, each with its time grid and fitted for the budget; all timed.
+    The most accurate is the budget's choice."""
     with preserved(run.module), torch.no_grad():
         z_test = run.initial_state(run.x_test.to(trajectories.states.device))
         tol = table.reference_tol
         ref_test = reference_solve(run.f, z_test, run.ends, table.reference, tol, tol)[-1]
     ends = _Ends(z_test, ref_test, trajectories.states[0].to(z_test), trajectories.states[-1].to(z_test))
-    choices: Dict[int, Choice] = {}
-    pruned: Dict[str, str] = {}
+    chosen = _Chosen({}, {}, [])
+    wider: Dict[Tuple[str, Tuple[int, ...]], _Candidate] = {}
     for n in budgets:
         rows = [r for r in table if r.kind == "hyper" and r.nfe == n]
         if rows and not any(math.isfinite(r.terminal_error) for r in rows):
-            pruned[f"NFE {n}"] = _why_no_choice(run, table, n, rows)
+            chosen.pruned[f"NFE {n}"] = _why_no_choice(run, table, n, rows)
         rows = [r for r in rows if math.isfinite(r.terminal_error)]
         if not rows:
             continue
         best = min(rows, key=lambda r: r.terminal_error)
-        choices[n], skipped = _choice_at(run, n, best, fitted.candidates[best.solver].hs, ends, bar)
-        choices[n] = _fitted_for_budget(run, choices[n], trajectories, ends)
-        if skipped:
-            pruned[f"time grid at NFE {n}"] = skipped
-    return _Chosen(choices, pruned)
+        narrow = fitted.candidates[best.solver]
+        finalists = [_finalist(run, (n, best.solver, best.steps), narrow, trajectories, ends, bar, chosen.pruned)]
+        for size in run.sizes[1:]:
+            if run.out_of_time():
+                chosen.pruned[f"g {_size_name(size)} at NFE {n}"] = run.skipped()
+                continue
+            key = (best.solver, size)
+            if key not in wider:
+                meshes = trajectories.replace(meshes={k: trajectories.meshes[k] for k in narrow.steps})
+                wider[key] = _fit_one(run, type(narrow.hs), narrow.hs.reads_stages, meshes, size)
+            where = (n, f"{best.solver} [g {_size_name(size)}]", best.steps)
+            finalists.append(_finalist(run, where, wider[key], trajectories, ends, bar, chosen.pruned))
+        base = narrow.hs.tableau
+        if run.search.coefficients_alone and base.stages > 1 and _budget_iterations(run.search, n):
+            if not run.out_of_time():
+                finalists.append(_coefficients_alone(run, n, best.steps, base, trajectories, ends))
+        finalists = _timed(run, finalists, ends)
+        chosen.options += finalists
+        chosen.choices[n] = min(finalists, key=lambda c: c.error)
+    return chosen
+
+
+def _finalist(
+    run: _Run, where: Tuple[int, str, int], candidate: _Candidate, trajectories, ends: _Ends, bar, pruned: Dict
+) -> Choice:
+    """A budget's finalist (``where``: NFE, label, steps) from a fitted candidate: its time grid, then g
+    and the grid fitted together for the budget."""
+    choice, skipped = _choice_at(run, where, candidate, ends)
+    if skipped:
+        pruned.setdefault(f"time grid at NFE {where[0]}", skipped)
+    choice = _fitted_for_budget(run, choice, trajectories, ends)
+    bar.update()
+    return choice
+
+
+def _timed(run: _Run, finalists: List[Choice], ends: _Ends) -> List[Choice]:
+    """The finalists with their median wall time on the held-out inputs, measured interleaved."""
+    def solve(c: Choice) -> Callable[[], object]:
+        return lambda: fixed_solve(c.solver, run.f, ends.z_test, c.mesh, return_trajectory=False)
+
+    with preserved(run.module), torch.no_grad(), outside_fit_ignored():
+        seconds = median_times({str(k): solve(c) for k, c in enumerate(finalists)}, repeats=5)
+        task = Task(distance=run.search.distance)
+        distances = [task.sample_distance(solve(c)(), ends.ref_test) for c in finalists]
+    return [
+        dataclasses.replace(c, wall_ms=1e3 * seconds[str(k)], distance=distances[k]) for k, c in enumerate(finalists)
+    ]
+
+
+def _size_name(size: Optional[Tuple[int, ...]]) -> str:
+    """``(128, 128, 128)`` as ``'128x3'``, ``(64, 32)`` as ``'64-32'``; ``'-'`` for a user's g."""
+    if not size:
+        return "-"
+    return f"{size[0]}x{len(size)}" if len(set(size)) == 1 else "-".join(map(str, size))
+
+
+def _how_fitted(choice: Choice) -> str:
+    if not choice.fitted_for_budget:
+        return f"{_grid_kind(choice)} grid"
+    if isinstance(choice.solver, NonStationarySolver):
+        g = "g, " if choice.solver.coefficients.g is not None else ""
+        return f"{g}per-step coefficients and grid fitted for the budget"
+    return "g and grid fitted for the budget"
 
 
 def _grid_kind(choice: Choice) -> str:
@@ -640,19 +787,64 @@ def _grid_kind(choice: Choice) -> str:
 
 
 def _fitted_for_budget(run: _Run, choice: Choice, trajectories: Trajectories, ends: _Ends) -> Choice:
-    """The choice with g and its grid fitted together for its budget, end to end, when the search asks
-    for it and that lowers the held-out error; the choice as it is otherwise."""
-    if not run.search.budget_iterations or run.out_of_time():
+    """The choice with g, per-step coefficients (a :class:`~.nonstationary.NonStationarySolver` on its
+    base, starting as the choice itself) and its grid fitted together for its budget, end to end, when
+    the search asks for it and that lowers the held-out error; the choice as it is otherwise."""
+    iterations = _budget_iterations(run.search, choice.nfe)
+    if not iterations or run.out_of_time():
         return choice
-    hs, n = copy.deepcopy(choice.solver), choice.steps
+    hs, n = _per_step(choice.solver, choice.steps), choice.steps
     with preserved(run.module):
         budget = trajectories.replace(meshes={n: trajectories.meshes[n]})
-        fit_budget(hs, budget, iterations=run.search.budget_iterations, progress=False, seed=run.search.seed)
+        grid = _budget_grid(run, n, ends)
+        fit_budget(hs, budget, iterations=iterations, grid=grid, progress=False, seed=run.search.seed)
     mesh = hs.time_grid.to(choice.mesh)
     error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, mesh)
     if not error < choice.error:
         return choice
-    return dataclasses.replace(choice, solver=hs, mesh=mesh, error=error, learned_grid=True, fitted_for_budget=True)
+    return dataclasses.replace(choice, solver=hs, mesh=mesh, error=error, learned_grid=grid, fitted_for_budget=True)
+
+
+def _per_step(solver: HyperSolver, steps: int) -> HyperSolver:
+    """A copy of ``solver`` with per-step coefficients to fit (the same solver until fitted); a copy
+    of it as it is when its step is not the plain hypersolver step (a multi-stage solver, say)."""
+    if type(solver).step_parts is not HyperSolver.step_parts or solver.tableau.stages == 1:
+        return copy.deepcopy(solver)  # one stage: its per-step weight is 1, nothing to learn but the grid
+    g = copy.deepcopy(solver.hypernet)
+    hs = NonStationarySolver(solver.tableau, steps, g=g, convention=solver.convention)
+    hs.residual_scale = solver.residual_scale
+    return hs
+
+
+def _coefficients_alone(run: _Run, nfe: int, steps: int, base, trajectories: Trajectories, ends: _Ends):
+    """A finalist with no g: ``base``'s per-step coefficients and the grid fitted for the budget."""
+    hs = NonStationarySolver(base, steps)
+    if run.dtype is not None:
+        hs = hs.to(run.dtype)
+    uniform = torch.linspace(float(run.ends[0]), float(run.ends[1]), steps + 1).to(ends.z_test)
+    uniform_error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, uniform)
+    with preserved(run.module):
+        budget = trajectories.replace(meshes={steps: trajectories.meshes[steps]})
+        iterations = _budget_iterations(run.search, nfe)
+        grid = _budget_grid(run, steps, ends)
+        fit_budget(hs, budget, iterations=iterations, grid=grid, progress=False, seed=run.search.seed)
+    mesh = hs.time_grid.to(ends.z_test)
+    error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, mesh)
+    label = f"{base.name} with per-step coefficients (no g)"
+    return Choice(nfe, label, hs, mesh, steps, error, uniform_error, math.nan, grid, fitted_for_budget=True)
+
+
+def _budget_grid(run: _Run, steps: int, ends: _Ends) -> bool:
+    """Whether a budget fit of ``steps`` steps also fits the grid: when the search fits grids and its
+    points cannot collide in the states' dtype."""
+    return run.search.grid and not grid_collision(steps, run.ends[0], run.ends[1], ends.z0.dtype)
+
+
+def _budget_iterations(search: Search, nfe: int) -> int:
+    """The budget fit's iterations at ``nfe`` evaluations of f: the search's (by default half the
+    recipe's) up to ``BUDGET_NFE``, proportionally fewer beyond (each iteration costs ``nfe``)."""
+    total = search.recipe.iterations // 2 if search.budget_iterations is None else search.budget_iterations
+    return math.ceil(total * min(1.0, BUDGET_NFE / nfe)) if total else 0
 
 
 def _why_no_choice(run: _Run, table: ParetoResult, n: int, rows) -> str:
@@ -682,30 +874,32 @@ def _check_choices(budgets: List[int], choices: Dict[int, Choice], pruned: Dict[
     warnings.warn(f"tune found no choice for {len(missing)} of the budgets ({why})", UserWarning, stacklevel=3)
 
 
-def _choice_at(run: _Run, nfe: int, row, candidate: HyperSolver, ends: _Ends, bar: _Bar) -> Tuple[Choice, str]:
-    """The choice for budget ``nfe`` from its best ``row``: the uniform mesh, or a learned grid when it
-    lowers the held-out error by the ``GRID_GAIN``; and why no grid was fitted ('' when one was)."""
-    hs = copy.deepcopy(candidate)
-    uniform = torch.linspace(float(run.ends[0]), float(run.ends[1]), row.steps + 1).to(ends.z_test)
+def _choice_at(run: _Run, where: Tuple[int, str, int], candidate: _Candidate, ends: _Ends):
+    """A choice for ``where`` (NFE, label, steps) from a fitted candidate: the uniform mesh, or a learned
+    grid when it lowers the held-out error by the ``GRID_GAIN``; and why no grid was fitted ('' when one
+    was). Its wall time is measured later, with the budget's other finalists."""
+    nfe, label, steps = where
+    hs = copy.deepcopy(candidate.hs)
+    uniform = torch.linspace(float(run.ends[0]), float(run.ends[1]), steps + 1).to(ends.z_test)
     uniform_error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, uniform)
     mesh, error, skipped = uniform, uniform_error, ""
-    if run.search.grid and row.steps > 1:
-        collision = grid_collision(row.steps, run.ends[0], run.ends[1], ends.z0.dtype)
+    if run.search.grid and steps > 1 and not _budget_iterations(run.search, nfe):  # else the budget fit fits it
+        collision = grid_collision(steps, run.ends[0], run.ends[1], ends.z0.dtype)
         if run.out_of_time() or collision:
             skipped = collision or run.skipped()
         else:
             with preserved(run.module):
                 iterations, seed = run.search.grid_iterations, run.search.seed
-                grid = fit_time_grid(hs, run.f, ends.z0, ends.z1, uniform, row.steps, iterations=iterations, seed=seed)
+                grid = fit_time_grid(hs, run.f, ends.z0, ends.z1, uniform, steps, iterations=iterations, seed=seed)
             grid_error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, grid)
             if grid_error < GRID_GAIN * uniform_error:
                 mesh, error = grid, grid_error
-        bar.update()
     # the mesh travels with the solver (hs.time_grid, saved and loaded), learned or uniform
     hs.validity = dataclasses.replace(hs.validity, **_dt_range(hs.validity, mesh))
     hs.time_grid = mesh
     learned = mesh is not uniform
-    return Choice(nfe, row.solver, hs, mesh, row.steps, error, uniform_error, row.wall_ms, learned), skipped
+    choice = Choice(nfe, label, hs, mesh, steps, error, uniform_error, math.nan, learned, g_size=candidate.size)
+    return choice, skipped
 
 
 def _model_dtype(model, x: Tensor) -> Optional[torch.dtype]:
