@@ -159,8 +159,8 @@ def _one(name, model, x, t_span, labels, options, quick: bool) -> Dict[str, obje
     }
     best_classical = {}
     for nfe in result.choices:
-        rows = [r for r in result.table if r.kind == "fixed" and r.nfe == nfe and math.isfinite(r.terminal_error)]
-        best_classical[nfe] = min((r.terminal_error for r in rows), default=None)
+        fixed = [r for r in result.table if r.kind == "fixed" and r.nfe == nfe and math.isfinite(r.terminal_error)]
+        best_classical[nfe] = min((r.terminal_error for r in fixed), default=None)
     front = _front(result)
     return {
         "workload": name,

@@ -24,7 +24,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -68,7 +68,6 @@ __all__ = [
 
 _FORMAT = 1
 INDEX = "harvest-index.pt"
-T = TypeVar("T")
 
 
 def rank_and_world_size() -> Tuple[int, int]:
@@ -445,7 +444,7 @@ def harvest_across_ranks(
     return result
 
 
-def split_across_ranks(items: Sequence[T]) -> List[T]:
+def split_across_ranks(items: Sequence) -> List:
     """This rank's share of ``items``: item ``i`` goes to rank ``i % world_size`` (all of them alone)."""
     rank, world = rank_and_world_size()
     return list(items)[rank::world]

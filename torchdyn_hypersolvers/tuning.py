@@ -132,7 +132,7 @@ class TuneResult:
         """``(hypersolver, t_span)`` of the fastest option (measured wall time on the held-out inputs;
         fewer NFE on a tie) whose held-out error is at most ``error`` (default: the error of the
         solver given as ``match``). It may be a budget's wider- or narrower-g finalist rather than
-        its choice: :attr:`options` lists them all."""
+        its choice: ``options`` lists them all."""
         return self.fastest(error).solver, self.fastest(error).mesh
 
     def fastest(self, error: Optional[float] = None) -> Choice:
@@ -883,11 +883,11 @@ def _choice_at(run: _Run, where: Tuple[int, str, int], candidate: _Candidate, en
     uniform = torch.linspace(float(run.ends[0]), float(run.ends[1]), steps + 1).to(ends.z_test)
     uniform_error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, uniform)
     mesh, error, skipped = uniform, uniform_error, ""
-    if run.search.grid and steps > 1 and not _budget_iterations(run.search, nfe):  # else the budget fit fits it
+    if run.search.grid and steps > 1:
         collision = grid_collision(steps, run.ends[0], run.ends[1], ends.z0.dtype)
         if run.out_of_time() or collision:
             skipped = collision or run.skipped()
-        else:
+        elif not _budget_iterations(run.search, nfe):  # else the budget fit fits the grid
             with preserved(run.module):
                 iterations, seed = run.search.grid_iterations, run.search.seed
                 grid = fit_time_grid(hs, run.f, ends.z0, ends.z1, uniform, steps, iterations=iterations, seed=seed)
