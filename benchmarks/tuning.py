@@ -143,7 +143,7 @@ def _one(name, model, x, t_span, labels, options, quick: bool) -> Dict[str, obje
                     repeats=3 if quick else 15,
                 )
                 row.update(
-                    choice=choice.label + ("" if choice.g_size is None else f" [g {_size(choice.g_size)}]"),
+                    choice=_labelled(choice),
                     grid="learned" if choice.learned_grid else "uniform",
                     error=error,
                     accuracy=accuracy,
@@ -187,11 +187,18 @@ def _size(size) -> str:
     return f"{size[0]}x{len(size)}" if len(set(size)) == 1 else "-".join(map(str, size))
 
 
+def _labelled(choice) -> str:
+    """A finalist's label with its g's size (a wider g's label has it already) and how it was fitted."""
+    label = choice.label
+    if choice.g_size is not None and "[g " not in label:
+        label += f" [g {_size(choice.g_size)}]"
+    return label + (", fitted for the budget" if choice.fitted_for_budget else "")
+
+
 def _front(result) -> list:
     """The held-out error-vs-wall-time front over every timed candidate: tune's finalists (each g size
     per budget), the classical solvers and dopri5 (their wall times from tune's comparison)."""
-    points = [(c.wall_ms, c.error, f"{c.label} [g {_size(c.g_size)}]" if c.g_size else c.label, c.nfe)
-              for c in result.options]
+    points = [(c.wall_ms, c.error, _labelled(c), c.nfe) for c in result.options]
     points += [(r.wall_ms, r.terminal_error, r.solver + (f" {r.tol:g}" if r.kind == "adaptive" else ""), r.nfe)
                for r in result.table if r.kind in ("fixed", "adaptive") and math.isfinite(r.terminal_error)]
     front, best = [], math.inf
