@@ -257,27 +257,18 @@ def markdown(result) -> str:
                 f"| {r['nfe']} | {mine} | {r['tuned_ms']:.2f} | {r['speedup_vs_torchdyn']:.1f}x "
                 f"| {r['speedup_vs_torchdiffeq']:.1f}x | {w['tune_s']:.0f} |"
             )
-    lines += [
-        "",
-        "Learned grid / uniform grid held-out error of each budget's choice (1.00: the uniform grid was kept):",
-        "",
-        "| workload | " + " | ".join(f"NFE {n}" for n in LADDER) + " |",
-        "|---|" + "---|" * len(LADDER),
-    ]
-    for w in result["workloads"]:
-        ratios = {int(k): v for k, v in w["grid_ratio"].items()}
-        lines.append(f"| {w['workload']} | " + " | ".join(_fmt(ratios.get(n), ".2f") for n in LADDER) + " |")
-    lines += [
-        "",
+    lines += _by_nfe(
+        result,
+        "grid_ratio",
+        "Learned grid (fitted alone or with g for the budget) / uniform grid held-out error of each budget's "
+        "choice (1.00: the uniform grid was kept):",
+    )
+    lines += _by_nfe(
+        result,
+        "vs_classical",
         "Each budget's choice against the best classical solver (Euler, Midpoint, RK4) at the same NFE "
         "(held-out error ratio; lower is better):",
-        "",
-        "| workload | " + " | ".join(f"NFE {n}" for n in LADDER) + " |",
-        "|---|" + "---|" * len(LADDER),
-    ]
-    for w in result["workloads"]:
-        ratios = {int(k): v for k, v in w["vs_classical"].items()}
-        lines.append(f"| {w['workload']} | " + " | ".join(_fmt(ratios.get(n), ".2f") for n in LADDER) + " |")
+    )
     lines += ["", "Held-out error against measured wall time: the front over every timed candidate "
               "(tune's finalists, the classical solvers, dopri5; no candidate is both faster and more accurate):", ""]
     for w in result["workloads"]:
@@ -285,3 +276,13 @@ def markdown(result) -> str:
                            for p in w["front"])
         lines.append(f"- {w['workload']}: {points}")
     return "\n".join(lines) + "\n"
+
+
+def _by_nfe(result, key: str, title: str) -> list:
+    """A table of one ratio per workload and budget."""
+    head = "| workload | " + " | ".join(f"NFE {n}" for n in LADDER) + " |"
+    lines = ["", title, "", head, "|---|" + "---|" * len(LADDER)]
+    for w in result["workloads"]:
+        ratios = {int(k): v for k, v in w[key].items()}
+        lines.append(f"| {w['workload']} | " + " | ".join(_fmt(ratios.get(n), ".2f") for n in LADDER) + " |")
+    return lines

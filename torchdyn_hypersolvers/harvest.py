@@ -227,11 +227,7 @@ def harvest(
     if max_trajectories is not None:
         max_trajectories = check_int(max_trajectories, "max_trajectories")
     tableau = resolve_base(base) if base is not None else None
-    t_span = check_t_span(t_span)
-    if steps is None:
-        t, meshes = t_span.to(torch.float64), {len(t_span) - 1: torch.arange(len(t_span))}
-    else:
-        t, meshes = mesh_union(float(t_span[0]), float(t_span[-1]), steps)
+    t, meshes = _harvest_times(t_span, steps)
     if cache is not None:
         check_folder(cache)  # before the solves, not after
     if isinstance(inputs, Tensor) and inputs.numel() == 0:
@@ -273,6 +269,15 @@ def _fingerprint(f, owned, z0s: List[Tensor], inputs_digest: str, field, referen
         "trajectories": str(sum(z0.shape[0] for z0 in z0s)),
         "mesh": _mesh_digest(t, meshes),
     }
+
+
+def _harvest_times(t_span, steps: Optional[Sequence[int]]) -> Tuple[Tensor, Dict[int, Tensor]]:
+    """The times a harvest solves at (float64) and each mesh's indices into them: ``t_span`` itself
+    without ``steps``, else the union of the uniform meshes of ``steps`` steps over its ends."""
+    t_span = check_t_span(t_span)
+    if steps is None:
+        return t_span.to(torch.float64), {len(t_span) - 1: torch.arange(len(t_span))}
+    return mesh_union(float(t_span[0]), float(t_span[-1]), steps)
 
 
 def _reference_settings(f, z0s: List[Tensor], t: Tensor, meshes, tableau, atol, rtol):

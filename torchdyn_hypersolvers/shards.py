@@ -32,7 +32,6 @@ from torch import Tensor
 
 from ._checks import check_int
 from ._files import read_plain, write_atomic, write_text_atomic
-from ._mesh import check_t_span, mesh_union
 from ._model_identity import update_digest
 from ._optimisation import fitting, resolve_recipe
 from ._reference import Reference
@@ -52,7 +51,15 @@ from .fit import (
     residual_data,
     residual_loss,
 )
-from .harvest import _FINGERPRINT_TEXT, Trajectories, _fingerprint, _initial_states, _reference_settings, harvest
+from .harvest import (
+    _FINGERPRINT_TEXT,
+    Trajectories,
+    _fingerprint,
+    _harvest_times,
+    _initial_states,
+    _reference_settings,
+    harvest,
+)
 from .solvers import HyperSolver
 from .validity import Validity
 
@@ -109,11 +116,7 @@ def _request(model, inputs, t_span, steps, reference, batch_size: int, shard_siz
     f, initial_state, module = resolve_model(model)
     chosen = Reference.of(reference, **tolerances)
     tableau = resolve_base(base) if base is not None else None
-    t_span = check_t_span(t_span)
-    if steps is None:
-        t, meshes = t_span.to(torch.float64), {len(t_span) - 1: torch.arange(len(t_span))}
-    else:
-        t, meshes = mesh_union(float(t_span[0]), float(t_span[-1]), steps)
+    t, meshes = _harvest_times(t_span, steps)
     owned = owned_modules(model)
     with preserved(*owned), torch.no_grad():
         z0s, digest = _initial_states(inputs, initial_state, module, batch_size, None)
