@@ -4,7 +4,7 @@
 highest-order base needs), fits one g per candidate (base solver x hypernet options), compares
 every candidate with the classical solvers and dopri5 on the held-out inputs, keeps the best
 hypersolver per budget, fits a time grid for it, then g and the grid together for the budget,
-end to end (each kept only when it lowers the held-out error). With the default g it also
+end to end (each kept only when it lowers the held-out error by at least 1%). With the default g it also
 fits a wider g for each budget's best candidate; every finalist is timed on the held-out
 inputs, so that :meth:`TuneResult.cheapest` returns the fastest one that is accurate enough.
 """
@@ -240,7 +240,7 @@ class Search:
             the held-out error).
         budget_iterations: then fit the choice's g and grid together for its budget, end to end
             (:func:`~.budget.fit_budget`, this many iterations up to 4 evaluations of f,
-            proportionally fewer for more; kept only when it lowers the held-out error; it fits the
+            proportionally fewer for more; kept only when it lowers the held-out error by 1%; it fits the
             grid, so ``grid_iterations`` are not spent then). None (the default): half the
             recipe's iterations; 0: not done.
         g_sizes: the hidden layers of the default g: the first for every candidate, each other one
@@ -800,7 +800,7 @@ def _fitted_for_budget(run: _Run, choice: Choice, trajectories: Trajectories, en
         fit_budget(hs, budget, iterations=iterations, grid=grid, progress=False, seed=run.search.seed)
     mesh = hs.time_grid.to(choice.mesh)
     error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, mesh)
-    if not error < choice.error:
+    if not error < GRID_GAIN * choice.error:  # as for a grid: kept when it lowers the error by at least 1%
         return choice
     return dataclasses.replace(choice, solver=hs, mesh=mesh, error=error, learned_grid=grid, fitted_for_budget=True)
 
