@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from torchdyn_hypersolvers import HyperEuler, MLPHyperNet
 
 from .common import compare
+from .inference import _plain_loop
 
 STEPS = 20
 BATCHES = (8, 64, 512)
@@ -31,15 +32,6 @@ class _Field(torch.nn.Module):
 
     def forward(self, t, z):
         return self.net(z)
-
-
-def _plain_loop(f, g, z, t_span):
-    """The floor: a hand-written HyperEuler loop over f and g, nothing else."""
-    ts, dts = t_span[:-1].unbind(0), (t_span[1:] - t_span[:-1]).unbind(0)
-    for t, dt in zip(ts, dts):
-        dz = f(t, z)
-        z = z + dt * dz + dt * dt * g(dt, t, z, dz)
-    return z
 
 
 def _alternating(fn):
