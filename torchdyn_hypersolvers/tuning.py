@@ -760,7 +760,9 @@ def _timed(run: _Run, finalists: List[Choice], ends: _Ends) -> List[Choice]:
     with preserved(run.module), torch.no_grad(), outside_fit_ignored():
         seconds = median_times({str(k): solve(c) for k, c in enumerate(finalists)}, repeats=5)
         task = Task(distance=run.search.distance)
-        distances = [task.sample_distance(solve(c)(), ends.ref_test) for c in finalists]
+        distances = [None] * len(finalists)
+        if run.search.distance is not None:  # one more solve per finalist, only when a distance is asked for
+            distances = [task.sample_distance(solve(c)(), ends.ref_test) for c in finalists]
     return [
         dataclasses.replace(c, wall_ms=1e3 * seconds[str(k)], distance=distances[k]) for k, c in enumerate(finalists)
     ]
