@@ -114,3 +114,23 @@ def test_bad_tableaus_and_names():
         alpha_tableau(0.0)
     with pytest.raises(ValueError, match="unknown base solver 'rk45'.*euler"):
         resolve_base("rk45")
+
+
+def test_rk_stages_takes_tensor_coefficients_and_applies_every_one():
+    """A step's coefficients as tensors (a non-stationary solver's) give the tableau's step, zeros
+    included (applied, not compared: a comparison would synchronise), with gradients to each."""
+    from torchdyn_hypersolvers.tableaus import StepCoefficients, rk_stages
+
+    field = lambda t, z: torch.sin(z) * (1.0 + t)  # noqa: E731
+    z, t, dt = torch.randn(5, 3), torch.tensor(0.2), torch.tensor(0.1)
+    rows = tuple(torch.tensor(row, requires_grad=True) for row in RK4_TABLEAU.a)
+    b = torch.tensor(RK4_TABLEAU.b, requires_grad=True)
+    c = torch.tensor(RK4_TABLEAU.c, requires_grad=True)
+    psi, stages = rk_stages(StepCoefficients(rows, b, c), field, t, z, dt)
+    psi_ref, stages_ref = rk_stages(RK4_TABLEAU, field, t, z, dt)
+    torch.testing.assert_close(psi, psi_ref)
+    assert len(stages) == len(stages_ref) == 4
+    psi.sum().backward()
+    assert all(row.grad is not None for row in rows)
+    assert rows[1].grad[0] != 0  # the zero entry a_31 was applied: it has a gradient
+    assert b.grad is not None and c.grad[1:].abs().sum() > 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ from ._records import tableau_record
 from ._solver_names import resolve_base
 from .hypernets import check_convention, check_hypernet_input, detect_convention
 from .solvers import BaseLike, HyperSolver, StepParts, _recorded_z0
-from .tableaus import TABLEAUS, ButcherTableau, VectorField
+from .tableaus import TABLEAUS, ButcherTableau, StepCoefficients, VectorField, rk_stages
 
 __all__ = ["NonStationaryCoefficients", "NonStationarySolver"]
 
@@ -272,11 +272,8 @@ class NonStationarySolver(HyperSolver):
         m, s, _ = net.sizes
         coefficients = net.coefficients(self.step_index(t))
         a, b, c = coefficients[:m], coefficients[m : m + s], coefficients[m + s :]
-        stages: List[Tensor] = [f(t, x) if k1 is None else k1]
-        for i in range(1, s):
-            row = a[i * (i - 1) // 2 : i * (i + 1) // 2]
-            stages.append(f(t + c[i - 1] * dt, x + dt * _weighted(row, stages)))
-        psi = _weighted(b, stages)
+        rows = tuple(a[i * (i - 1) // 2 : i * (i + 1) // 2] for i in range(1, s))
+        psi, stages = rk_stages(StepCoefficients(rows, b, (0.0, *c)), f, t, x, dt, k1)
         if net.g is None:
             return StepParts(psi, tuple(stages), torch.zeros_like(x))
         if self.reads_stages:
@@ -288,11 +285,3 @@ class NonStationarySolver(HyperSolver):
     def extra_repr(self) -> str:
         g = "none" if self.hypernet.g is None else type(self.hypernet.g).__name__
         return f"base={self.tableau.name}, steps={self.steps}, g={g}"
-
-
-def _weighted(weights: Sequence[Tensor], stages: Sequence[Tensor]) -> Tensor:
-    """``sum(w_j * k_j)`` in stage order (tensor weights, so zeros are not skipped: no host sync)."""
-    total = weights[0] * stages[0]
-    for w, k in zip(weights[1:], stages[1:]):
-        total = total + w * k
-    return total

@@ -10,7 +10,7 @@ computation and evaluation in this package goes through it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
@@ -27,6 +27,7 @@ __all__ = [
     "alpha_tableau",
     "rk_increment",
     "rk_stages",
+    "StepCoefficients",
     "TABLEAUS",
 ]
 
@@ -116,8 +117,23 @@ TABLEAUS = {t.name: t for t in (EULER, MIDPOINT, HEUN, RALSTON, RK4)}
 """The base solvers reachable by name (the naming rule: :func:`~.registry.resolve_solver`)."""
 
 
+class StepCoefficients(NamedTuple):
+    """One step's Runge-Kutta coefficients as :func:`rk_stages` reads them, Python numbers or tensors
+    (a :class:`ButcherTableau` is one; a non-stationary solver builds one per step from learned values):
+    ``a`` the rows of the stage matrix, ``b`` the weights, ``c`` the nodes (``c[0]`` is not read)."""
+
+    a: Sequence[Sequence[Union[float, Tensor]]]
+    b: Sequence[Union[float, Tensor]]
+    c: Sequence[Union[float, Tensor]]
+
+
 def rk_stages(
-    tableau: ButcherTableau, f: VectorField, t: Tensor, z: Tensor, dt: Tensor, k1: Optional[Tensor] = None
+    tableau: Union[ButcherTableau, StepCoefficients],
+    f: VectorField,
+    t: Tensor,
+    z: Tensor,
+    dt: Tensor,
+    k1: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
     """One explicit Runge-Kutta step, as an increment and all its stage evaluations.
 
@@ -125,7 +141,7 @@ def rk_stages(
     the stages (``k_1 = f(t, z)``) are handed back so that callers (the hypersolver
     correction) reuse them instead of evaluating f again. Pass ``k1`` when it is already
     known. Exactly ``tableau.stages`` evaluations of f (one fewer when ``k1`` is given),
-    no host synchronisation: coefficients are Python floats, zeros are skipped.
+    no host synchronisation: Python-number zeros are skipped, tensor coefficients always applied.
     """
     if k1 is None:
         k1 = f(t, z)
@@ -144,13 +160,17 @@ def rk_increment(
     return psi, stages[0]
 
 
-def _combine(weights: Sequence[float], stages: Sequence[Tensor]) -> Tensor:
-    """``sum(w * k)`` over the non-zero weights (at least one is non-zero)."""
+def _combine(weights: Sequence[Union[float, Tensor]], stages: Sequence[Tensor]) -> Tensor:
+    """``sum(w * k)``. Python-number weights of zero are skipped and of one not multiplied; tensor
+    weights (learned coefficients) are always applied: comparing them would synchronise with the host."""
     total = None
     for w, k in zip(weights, stages):
-        if w == 0.0:
-            continue
-        term = k if w == 1.0 else w * k
+        if isinstance(w, (int, float)):
+            if w == 0.0:
+                continue
+            term = k if w == 1.0 else w * k
+        else:
+            term = w * k
         total = term if total is None else total + term
     if total is None:  # a row of zeros (not produced by any tableau here)
         return stages[0] * 0.0
