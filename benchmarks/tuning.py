@@ -6,8 +6,8 @@ stage-aware g) over a ladder of budgets and fits a time grid per budget; then, o
 digits classifier, mean terminal error otherwise: the sample error for the CNF), the tuned
 choice with the fewest evaluations of f that is at least as accurate, and the wall time of
 both, measured interleaved (medians): the choice against torchdyn's and torchdiffeq's dopri5.
-Digits searches HyperEuler and HyperMidpoint with the tutorial's convolutional g over
-budgets 2 to 8 (its tune stays under 10 minutes).
+Digits searches HyperEuler, HyperMidpoint and HyperRK4 (plain g) with the tutorial's
+convolutional g over budgets 2 to 8 (its tune stays under 10 minutes).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torchdiffeq
 from torchdyn.numerics import odeint as torchdyn_odeint
 
-from torchdyn_hypersolvers import ConvHyperNet, HyperEuler, HyperMidpoint, tune
+from torchdyn_hypersolvers import ConvHyperNet, HyperEuler, HyperMidpoint, HyperRK4, tune
 from torchdyn_hypersolvers._user_model import resolve_model
 from torchdyn_hypersolvers.harvest import reference_solve
 from torchdyn_hypersolvers.validity import OutsideFitWarning
@@ -67,7 +67,7 @@ def _workloads(quick: bool):
             d["y_train"][: 64 if quick else 512],
             dict(
                 hypernet=_digits_hypernet,
-                bases=(HyperEuler, HyperMidpoint),
+                bases=(HyperEuler, HyperMidpoint, HyperRK4),
                 stage_aware=False,
                 nfe=(2, 3, 4, 6, 8),
                 iterations=10 if quick else 300,

@@ -131,3 +131,33 @@ def test_bad_g_sizes_are_named(sizes):
 def test_an_unknown_distance_is_named():
     with pytest.raises(ValueError, match="unknown distance 'w3'"):
         Search(distance="w3")
+
+
+def test_a_wider_g_is_fitted_once_per_candidate_on_the_meshes_of_the_budgets_it_won(monkeypatch):
+    """The wider g serves only the budgets where its candidate is best: it is fitted on those meshes
+    alone (not on every mesh the candidate was fitted on), once per candidate."""
+    import torchdyn_hypersolvers.tuning as tuning
+
+    calls = []
+    fit_one = tuning._fit_one
+
+    def recording(run, cls, aware, meshes, size):
+        calls.append((cls.__name__, size, tuple(meshes.steps)))
+        return fit_one(run, cls, aware, meshes, size)
+
+    monkeypatch.setattr(tuning, "_fit_one", recording)
+    x = torch.randn(96, 2, generator=torch.Generator().manual_seed(5))
+    sizes = ((8, 8), (16, 16))
+    result = tune(_field(), x, SPAN, nfe=[2, 3, 4], bases=(HyperEuler, HyperMidpoint), stage_aware=False,
+                  iterations=20, grid_iterations=2, budget_iterations=4, g_sizes=sizes, progress=False)
+    won = {}
+    for n in result.choices:
+        rows = [r for r in result.table if r.kind == "hyper" and r.nfe == n]
+        best = min(rows, key=lambda r: r.terminal_error)
+        won.setdefault(best.solver, set()).add(best.steps)
+    wide = [(name, steps) for name, size, steps in calls if size == sizes[1]]
+    assert sorted(wide) == sorted((label, tuple(sorted(steps))) for label, steps in won.items())
+    narrow = {name: steps for name, size, steps in calls if size == sizes[0]}
+    for label, steps in narrow.items():  # the candidates themselves: every mesh they are compared on
+        assert steps == tuple(sorted({r.steps for r in result.table if r.kind == "hyper" and r.solver == label}))
+    assert any(len(narrow[label]) > len(steps) for label, steps in won.items())  # the case this is about

@@ -700,23 +700,18 @@ def _choose(
     run: _Run, budgets: List[int], trajectories: Trajectories, fitted: _Fitted, table: ParetoResult, bar: _Bar
 ) -> _Chosen:
     """Per budget, the finalists: a copy of the candidate with the lowest held-out error, and the same
-    base with each wider default g, each with its time grid and fitted for the budget; all timed.
-    The most accurate is the budget's choice."""
+    base with each wider default g (fitted once per candidate, on the meshes of the budgets where that
+    candidate is best), each with its time grid and fitted for the budget; all timed. The most
+    accurate is the budget's choice."""
     with preserved(run.module), torch.no_grad():
         z_test = run.initial_state(run.x_test.to(trajectories.states.device))
         tol = table.reference_tol
         ref_test = reference_solve(run.f, z_test, run.ends, table.reference, tol, tol)[-1]
     ends = _Ends(z_test, ref_test, trajectories.states[0].to(z_test), trajectories.states[-1].to(z_test))
     chosen = _Chosen({}, {}, [])
+    bests = _best_rows(run, budgets, table, chosen.pruned)
     wider: Dict[Tuple[str, Tuple[int, ...]], _Candidate] = {}
-    for n in budgets:
-        rows = [r for r in table if r.kind == "hyper" and r.nfe == n]
-        if rows and not any(math.isfinite(r.terminal_error) for r in rows):
-            chosen.pruned[f"NFE {n}"] = _why_no_choice(run, table, n, rows)
-        rows = [r for r in rows if math.isfinite(r.terminal_error)]
-        if not rows:
-            continue
-        best = min(rows, key=lambda r: r.terminal_error)
+    for n, best in bests.items():
         narrow = fitted.candidates[best.solver]
         finalists = [_finalist(run, (n, best.solver, best.steps), narrow, trajectories, ends, bar, chosen.pruned)]
         for size in run.sizes[1:]:
@@ -724,8 +719,9 @@ def _choose(
                 chosen.pruned[f"g {_size_name(size)} at NFE {n}"] = run.skipped()
                 continue
             key = (best.solver, size)
-            if key not in wider:
-                meshes = trajectories.replace(meshes={k: trajectories.meshes[k] for k in narrow.steps})
+            if key not in wider:  # fitted on the meshes of the budgets where this candidate is best
+                steps = sorted({r.steps for r in bests.values() if r.solver == best.solver})
+                meshes = trajectories.replace(meshes={k: trajectories.meshes[k] for k in steps})
                 wider[key] = _fit_one(run, type(narrow.hs), narrow.hs.reads_stages, meshes, size)
             where = (n, f"{best.solver} [g {_size_name(size)}]", best.steps)
             finalists.append(_finalist(run, where, wider[key], trajectories, ends, bar, chosen.pruned))
@@ -737,6 +733,20 @@ def _choose(
         chosen.options += finalists
         chosen.choices[n] = min(finalists, key=lambda c: c.error)
     return chosen
+
+
+def _best_rows(run: _Run, budgets: List[int], table: ParetoResult, pruned: Dict[str, str]) -> Dict[int, Any]:
+    """Per budget, the table's hypersolver row with the lowest finite held-out error; a budget where
+    every hypersolver's error is inf or nan gets none, and why in ``pruned``."""
+    bests = {}
+    for n in budgets:
+        rows = [r for r in table if r.kind == "hyper" and r.nfe == n]
+        if rows and not any(math.isfinite(r.terminal_error) for r in rows):
+            pruned[f"NFE {n}"] = _why_no_choice(run, table, n, rows)
+        rows = [r for r in rows if math.isfinite(r.terminal_error)]
+        if rows:
+            bests[n] = min(rows, key=lambda r: r.terminal_error)
+    return bests
 
 
 def _finalist(
