@@ -269,6 +269,9 @@ def test_tune_under_torchrun_splits_the_fits_and_returns_the_same_result_on_ever
     fitted = [set(r["fitted_here"]) for r in ranks]
     assert fitted[0] and fitted[1] and not fitted[0] & fitted[1]  # each candidate fitted on one rank only
     assert fitted[0] | fitted[1] == set(ranks[0]["weights"])
+    made = [set(r["finalists_here"]) for r in ranks]  # the wider g's and the budgets' finalists, split too
+    assert made[0] and made[1] and not made[0] & made[1]
+    assert {n for n, _ in made[0] | made[1] if isinstance(n, int)} == set(ranks[0]["choices"])
     assert ranks[0]["choices"] == ranks[1]["choices"] and ranks[0]["options"] == ranks[1]["options"]
     for n, state in ranks[0]["final"].items():
         assert all(torch.equal(state[k], ranks[1]["final"][n][k]) for k in state)

@@ -26,12 +26,16 @@ class Field(nn.Module):
 def main(out: pathlib.Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    fitted_here = []
+    fitted_here, finalists_here = [], []
     original = shards.split_across_ranks
 
     def recording(items):
         mine = original(items)
-        fitted_here.extend(label for *_, label in mine)
+        for item in mine:
+            if len(item) == 4:  # a candidate: (class, steps, stage-aware, label)
+                fitted_here.append(item[-1])
+            else:  # a wider g (label, size) or a budget's finalist (nfe, kind)
+                finalists_here.append(item)
         return mine
 
     shards.split_across_ranks = recording
@@ -44,6 +48,7 @@ def main(out: pathlib.Path) -> None:
     torch.save(
         {
             "fitted_here": fitted_here,
+            "finalists_here": finalists_here,
             "weights": {label: hs.g.state_dict() for label, hs in result.candidates.items()},
             "choices": {n: (c.label, c.error) for n, c in result.choices.items()},
             "options": [(c.nfe, c.label, c.error, c.wall_ms) for c in result.options],

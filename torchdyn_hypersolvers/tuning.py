@@ -393,7 +393,8 @@ def tune(
     target = _parse_match(match) if match is not None else None
     with preserved(*owned_modules(model), restore=True):  # every phase leaves the user's model as it was
         run = _setup(model, x, t_span, labels, device, search)
-        bar = _Bar(progress, 3 + 2 * len(search.bases) + len(budgets) * len(run.sizes))
+        finalists = len(run.sizes) + int(search.coefficients_alone)
+        bar = _Bar(progress, 3 + 2 * len(search.bases) + len(budgets) * finalists)
         try:
             plan = _plan(run, budgets, bar)
             trajectories = _harvest(run, plan, bar)
@@ -702,7 +703,8 @@ def _choose(
     """Per budget, the finalists: a copy of the candidate with the lowest held-out error, and the same
     base with each wider default g (fitted once per candidate, on the meshes of the budgets where that
     candidate is best), each with its time grid and fitted for the budget; all timed. The most
-    accurate is the budget's choice."""
+    accurate is the budget's choice. Under torchrun the wider g's and the finalists are split across
+    the ranks (each made on one rank and sent to all)."""
     with preserved(run.module), torch.no_grad():
         z_test = run.initial_state(run.x_test.to(trajectories.states.device))
         tol = table.reference_tol
@@ -710,29 +712,61 @@ def _choose(
     ends = _Ends(z_test, ref_test, trajectories.states[0].to(z_test), trajectories.states[-1].to(z_test))
     chosen = _Chosen({}, {}, [])
     bests = _best_rows(run, budgets, table, chosen.pruned)
-    wider: Dict[Tuple[str, Tuple[int, ...]], _Candidate] = {}
-    for n, best in bests.items():
-        narrow = fitted.candidates[best.solver]
-        finalists = [_finalist(run, (n, best.solver, best.steps), narrow, trajectories, ends, bar, chosen.pruned)]
-        for size in run.sizes[1:]:
-            if run.out_of_time():
-                chosen.pruned[f"g {_size_name(size)} at NFE {n}"] = run.skipped()
-                continue
-            key = (best.solver, size)
-            if key not in wider:  # fitted on the meshes of the budgets where this candidate is best
-                steps = sorted({r.steps for r in bests.values() if r.solver == best.solver})
-                meshes = trajectories.replace(meshes={k: trajectories.meshes[k] for k in steps})
-                wider[key] = _fit_one(run, type(narrow.hs), narrow.hs.reads_stages, meshes, size)
-            where = (n, f"{best.solver} [g {_size_name(size)}]", best.steps)
-            finalists.append(_finalist(run, where, wider[key], trajectories, ends, bar, chosen.pruned))
-        base = narrow.hs.tableau
-        if run.search.coefficients_alone and base.stages > 1 and _budget_iterations(run.search, n):
-            if not run.out_of_time():
-                finalists.append(_coefficients_alone(run, n, best.steps, base, trajectories, ends))
-        finalists = _timed(run, finalists, ends)
+    wider = _wider(run, bests, fitted, trajectories)
+    jobs = [(n, kind) for n, best in bests.items() for kind in _finalist_kinds(run, fitted.candidates[best.solver])]
+    local = {}
+    for n, kind in split_across_ranks(jobs):  # every job without a process group
+        local[(n, kind)] = _finalist_job(run, (n, kind), bests[n], fitted, wider, trajectories, ends)
+        bar.update()
+    made = gather_fitted(local, jobs, device=run.device)
+    for n in bests:
+        results = [made[job] for job in jobs if job[0] == n and job in made]
+        for _, why in results:
+            chosen.pruned.update(why)
+        finalists = _timed(run, [choice for choice, _ in results if choice is not None], ends)
         chosen.options += finalists
         chosen.choices[n] = min(finalists, key=lambda c: c.error)
     return chosen
+
+
+def _wider(run: _Run, bests: Dict[int, Any], fitted: _Fitted, trajectories: Trajectories) -> Dict[Tuple, _Candidate]:
+    """The wider default g of every budget-winning candidate, ``(label, size) -> candidate``: fitted once per
+    candidate on the meshes of the budgets it won (split across ranks); none when out of time."""
+    labels = list(dict.fromkeys(best.solver for best in bests.values()))
+    keys = [(label, size) for label in labels for size in run.sizes[1:]]
+    local = {}
+    for label, size in split_across_ranks(keys):
+        if run.out_of_time():
+            continue
+        narrow = fitted.candidates[label]
+        steps = sorted({r.steps for r in bests.values() if r.solver == label})
+        meshes = trajectories.replace(meshes={k: trajectories.meshes[k] for k in steps})
+        local[(label, size)] = _fit_one(run, type(narrow.hs), narrow.hs.reads_stages, meshes, size)
+    return gather_fitted(local, keys, device=run.device)
+
+
+def _finalist_kinds(run: _Run, narrow: _Candidate) -> List[Any]:
+    """A budget's finalists: its best candidate (``None``), each wider g size, and ``'alone'`` (the best
+    base's per-step coefficients without g, for a base of several stages)."""
+    kinds: List[Any] = [None, *run.sizes[1:]]
+    if run.search.coefficients_alone and narrow.hs.tableau.stages > 1:
+        kinds.append("alone")
+    return kinds
+
+
+def _finalist_job(run: _Run, job, best, fitted: _Fitted, wider: Dict, trajectories, ends: _Ends):
+    """``(finalist or None, what was skipped and why)`` for ``job = (nfe, kind)`` (:func:`_finalist_kinds`)."""
+    (n, kind), narrow, pruned = job, fitted.candidates[best.solver], {}
+    if kind is None:
+        return _finalist(run, (n, best.solver, best.steps), narrow, trajectories, ends, pruned), pruned
+    if kind == "alone":
+        if not _budget_iterations(run.search, n) or run.out_of_time():
+            return None, pruned
+        return _coefficients_alone(run, n, best.steps, narrow.hs.tableau, trajectories, ends), pruned
+    if (best.solver, kind) not in wider or run.out_of_time():
+        return None, {f"g {_size_name(kind)} at NFE {n}": run.skipped()}
+    where = (n, f"{best.solver} [g {_size_name(kind)}]", best.steps)
+    return _finalist(run, where, wider[(best.solver, kind)], trajectories, ends, pruned), pruned
 
 
 def _best_rows(run: _Run, budgets: List[int], table: ParetoResult, pruned: Dict[str, str]) -> Dict[int, Any]:
@@ -750,16 +784,14 @@ def _best_rows(run: _Run, budgets: List[int], table: ParetoResult, pruned: Dict[
 
 
 def _finalist(
-    run: _Run, where: Tuple[int, str, int], candidate: _Candidate, trajectories, ends: _Ends, bar, pruned: Dict
+    run: _Run, where: Tuple[int, str, int], candidate: _Candidate, trajectories, ends: _Ends, pruned: Dict
 ) -> Choice:
     """A budget's finalist (``where``: NFE, label, steps) from a fitted candidate: its time grid, then g
     and the grid fitted together for the budget."""
     choice, skipped = _choice_at(run, where, candidate, ends)
     if skipped:
         pruned.setdefault(f"time grid at NFE {where[0]}", skipped)
-    choice = _fitted_for_budget(run, choice, trajectories, ends)
-    bar.update()
-    return choice
+    return _fitted_for_budget(run, choice, trajectories, ends)
 
 
 def _timed(run: _Run, finalists: List[Choice], ends: _Ends) -> List[Choice]:
