@@ -37,7 +37,7 @@ from ._reference import reference_solve
 from ._time_grid import fit_time_grid, grid_collision, grid_from_logits
 from ._user_model import check_field_output, owned_modules, preserved, resolve_model
 from .budget import fit_budget
-from .evaluate import ParetoResult, Task, _distance_title, pareto
+from .evaluate import ParetoResult, ParetoRow, Task, _distance_title, pareto
 from .fit import FitReport, fit, residual_data
 from .harvest import Trajectories
 from .hypernets import MLPHyperNet
@@ -729,7 +729,9 @@ def _choose(
     return chosen
 
 
-def _wider(run: _Run, bests: Dict[int, Any], fitted: _Fitted, trajectories: Trajectories) -> Dict[Tuple, _Candidate]:
+def _wider(
+    run: _Run, bests: Dict[int, ParetoRow], fitted: _Fitted, trajectories: Trajectories
+) -> Dict[Tuple[str, Tuple[int, ...]], _Candidate]:
     """The wider default g of every budget-winning candidate, ``(label, size) -> candidate``: fitted once per
     candidate on the meshes of the budgets it won (split across ranks); none when out of time."""
     labels = list(dict.fromkeys(best.solver for best in bests.values()))
@@ -754,7 +756,9 @@ def _finalist_kinds(run: _Run, narrow: _Candidate) -> List[Any]:
     return kinds
 
 
-def _finalist_job(run: _Run, job, best, fitted: _Fitted, wider: Dict, trajectories, ends: _Ends):
+def _finalist_job(
+    run: _Run, job: Tuple[int, Any], best: ParetoRow, fitted: _Fitted, wider: Dict, trajectories, ends: _Ends
+) -> Tuple[Optional[Choice], Dict[str, str]]:
     """``(finalist or None, what was skipped and why)`` for ``job = (nfe, kind)`` (:func:`_finalist_kinds`)."""
     (n, kind), narrow, pruned = job, fitted.candidates[best.solver], {}
     if kind is None:
@@ -769,7 +773,7 @@ def _finalist_job(run: _Run, job, best, fitted: _Fitted, wider: Dict, trajectori
     return _finalist(run, where, wider[(best.solver, kind)], trajectories, ends, pruned), pruned
 
 
-def _best_rows(run: _Run, budgets: List[int], table: ParetoResult, pruned: Dict[str, str]) -> Dict[int, Any]:
+def _best_rows(run: _Run, budgets: List[int], table: ParetoResult, pruned: Dict[str, str]) -> Dict[int, ParetoRow]:
     """Per budget, the table's hypersolver row with the lowest finite held-out error; a budget where
     every hypersolver's error is inf or nan gets none, and why in ``pruned``."""
     bests = {}
