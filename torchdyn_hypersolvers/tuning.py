@@ -5,8 +5,9 @@ highest-order base needs), fits one g per candidate (base solver x hypernet opti
 every candidate with the classical solvers and dopri5 on the held-out inputs, keeps the best
 hypersolver per budget, fits a time grid for it, then g and the grid together for the budget,
 end to end (each kept only when it lowers the held-out error by at least 1%). With the default g it also
-fits a wider g for each budget's best candidate; every finalist is timed on the held-out
-inputs, so that :meth:`TuneResult.cheapest` returns the fastest one that is accurate enough.
+fits a wider g for each budget's best candidate, on the meshes of the budgets that candidate won;
+every finalist is timed on the held-out inputs, so that :meth:`TuneResult.cheapest` returns the
+fastest one that is accurate enough. Under torchrun every fit is made on one rank and sent to all.
 """
 
 from __future__ import annotations
@@ -244,9 +245,9 @@ class Search:
             grid, so ``grid_iterations`` are not spent then). None (the default): half the
             recipe's iterations; 0: not done.
         g_sizes: the hidden layers of the default g: the first for every candidate, each other one
-            for every budget's best candidate (fitted, gridded and fitted for the budget the same
-            way); the finalists are timed and :meth:`TuneResult.cheapest` picks by time. Ignored
-            with a ``hypernet``.
+            for every budget's best candidate (fitted once per candidate on the meshes of the budgets
+            it won, then gridded and fitted for the budget the same way); the finalists are timed
+            and :meth:`TuneResult.cheapest` picks by time. Ignored with a ``hypernet``.
         coefficients_alone: with the budget fit, also fit, per budget whose best base has several
             stages, that base's per-step coefficients alone (a
             :class:`~.nonstationary.NonStationarySolver` without g: no cost per step beyond f's).
