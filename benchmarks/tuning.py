@@ -53,12 +53,13 @@ def _digits_hypernet(cls, stage_aware: bool):
 def _workloads(quick: bool):
     m, d, c = workloads.moons_model(quick), workloads.digits_model(quick), workloads.cnf_model(quick)
     v, lz = workloads.vanderpol(quick), workloads.lorenz(quick)
-    n = 64 if quick else 1024
+    n = workloads.TUNE_INPUTS[quick]
     cnf_x = workloads.cnf_density.sample_base(n, torch.Generator().manual_seed(1))
     it = 20 if quick else 2000
-    common = dict(iterations=it, grid_iterations=5 if quick else 200)
+    # thousands of inputs (the fit learns the model's states, not a few trajectories), 256 of them held out
+    common = dict(iterations=it, grid_iterations=5 if quick else 200, held_out=16 if quick else 256)
     return [
-        ("2-D moons", m["model"], m["x_train"][:n], torch.linspace(0, 1, 2), None, common),
+        ("2-D moons", m["model"], m["x_tune"], torch.linspace(0, 1, 2), None, common),
         (
             "digits",
             d["model"],
@@ -75,8 +76,8 @@ def _workloads(quick: bool):
             ),
         ),
         ("CNF pinwheel (sampling)", c["vf"], cnf_x, c["t_span"], None, common),
-        (f"van der Pol (mu={workloads.VDP_MU:g})", v["vf"], v["x_fit"][:n], v["t_span"], None, common),
-        (f"Lorenz (T={workloads.LORENZ_T:g})", lz["vf"], lz["x_fit"][:n], lz["t_span"], None, common),
+        (f"van der Pol (mu={workloads.VDP_MU:g})", v["vf"], v["x_tune"], v["t_span"], None, common),
+        (f"Lorenz (T={workloads.LORENZ_T:g})", lz["vf"], lz["x_tune"], lz["t_span"], None, common),
     ]
 
 

@@ -10,6 +10,7 @@ import time
 import warnings
 
 import torch
+from torchdyn.datasets import ToyDataset
 
 from examples import cnf_density, image_classification, quickstart
 from examples import lorenz as lorenz_example
@@ -18,6 +19,8 @@ from torchdyn_hypersolvers.validity import OutsideFitWarning
 
 warnings.filterwarnings("ignore", category=OutsideFitWarning)
 
+TUNE_INPUTS = {False: 4096, True: 64}
+"""How many inputs the tune benchmark gives each 2-D / 3-D workload (by ``quick``): 256 are held out."""
 MOONS_STEPS = [4, 8, 12, 16, 20, 24]
 DIGITS_STEPS = [1, 2, 3, 4, 6, 8, 12, 16, 20, 24]
 CNF_STEPS = [2, 4, 6, 8, 10, 12]  # HyperHeun: NFE 4..24
@@ -54,7 +57,10 @@ def moons_model(quick: bool):
     model, (X_train, _), (X_test, y_test), accuracy = quickstart.train_moons(
         512 if quick else 2048, 40 if quick else 400, "cpu", progress=False
     )
-    return {"model": model, "x_train": X_train, "x": X_test, "y": y_test, "accuracy": accuracy}
+    with torch.random.fork_rng(devices=[]):  # more inputs like the training data, for tune; the RNG untouched
+        torch.manual_seed(1)
+        x_tune, _ = ToyDataset().generate(n_samples=TUNE_INPUTS[quick], dataset_type="moons", noise=0.1)
+    return {"model": model, "x_train": X_train, "x": X_test, "y": y_test, "accuracy": accuracy, "x_tune": x_tune}
 
 
 @functools.cache
@@ -212,6 +218,7 @@ def vanderpol(quick: bool):
         "vf": f,
         "x_fit": draw(n_fit),
         "x": draw(n_test),
+        "x_tune": draw(TUNE_INPUTS[quick]),
         "t_span": torch.tensor([0.0, VDP_T], dtype=torch.float64),
         "train_s": train_s,
         "regression_loss": loss.item(),
@@ -231,5 +238,6 @@ def lorenz(quick: bool):
         "vf": lorenz_example.Lorenz(),
         "x_fit": lorenz_example.initial_states(n_fit, "cpu"),
         "x": lorenz_example.initial_states(n_test, "cpu"),
+        "x_tune": lorenz_example.initial_states(TUNE_INPUTS[quick], "cpu"),
         "t_span": torch.tensor([0.0, LORENZ_T], dtype=torch.float64),
     }

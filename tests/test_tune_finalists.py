@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchdyn_hypersolvers import HyperEuler, HyperMidpoint, MLPHyperNet, tune
+from torchdyn_hypersolvers import HyperEuler, HyperMidpoint, MLPHyperNet, tune, tuning
 from torchdyn_hypersolvers._reference import reference_solve
 from torchdyn_hypersolvers.nonstationary import NonStationarySolver
 from torchdyn_hypersolvers.tuning import Choice, Search, TuneResult, _budget_iterations
@@ -46,9 +46,12 @@ def test_every_budget_has_a_finalist_per_g_size_and_its_choice_is_the_most_accur
         finalists = [c for c in result.options if c.nfe == n]
         alone = [c for c in finalists if c.g_size is None]
         assert sorted(c.g_size for c in finalists if c.g_size) == sorted(sizes)
-        if choice.solver.tableau.stages > 1:  # and the best base's per-step coefficients, without g
-            assert len(alone) == 1 and isinstance(alone[0].solver, NonStationarySolver)
-            assert alone[0].solver.coefficients.g is None and "(no g)" in alone[0].label
+        if choice.solver.tableau.stages > 1:  # and the best base's per-step coefficients, without g, or why not
+            skipped = [why for what, why in result.pruned.items() if what.endswith(f"(no g) at NFE {n}")]
+            assert len(alone) + len(skipped) == 1
+            if alone:
+                assert isinstance(alone[0].solver, NonStationarySolver)
+                assert alone[0].solver.coefficients.g is None and "(no g)" in alone[0].label
         assert choice in finalists and choice.error == min(c.error for c in finalists)
         for c in finalists:
             assert math.isfinite(c.wall_ms) and c.wall_ms > 0
@@ -63,6 +66,22 @@ def test_every_budget_has_a_finalist_per_g_size_and_its_choice_is_the_most_accur
                 final = c.solver.solve(f, z, c.mesh, return_trajectory=False)
                 ref = ref.detach()
             assert float((final - ref).norm(dim=1).mean()) == pytest.approx(c.error, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("factor", [1e-9, 1e9])
+def test_coefficients_alone_are_fitted_only_when_the_base_is_within_alone_factor_of_the_best(monkeypatch, factor):
+    monkeypatch.setattr(tuning, "ALONE_FACTOR", factor)
+    x = torch.randn(96, 2, generator=torch.Generator().manual_seed(3))
+    result = tune(_field(), x, SPAN, nfe=[4], bases=(HyperMidpoint,), stage_aware=False, iterations=60,
+                  budget_iterations=20, g_sizes=((16, 16),), progress=False)
+    alone = [c for c in result.options if c.g_size is None]
+    skipped = {what: why for what, why in result.pruned.items() if "(no g)" in what}
+    if factor < 1:  # the base is always more than 1e-9 times the hypersolver's error: never fitted, and said why
+        assert not alone and list(skipped) == ["midpoint with per-step coefficients (no g) at NFE 4"]
+        (why,) = skipped.values()
+        assert "not fitted" in why and "1e-09x the best hypersolver's" in why
+    else:
+        assert len(alone) == 1 and not skipped and alone[0].fitted_for_budget
 
 
 def test_budget_fit_is_on_by_default_and_kept_only_when_it_helps(ladder):

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from torchdyn.core import NeuralODE
 
-from torchdyn_hypersolvers import Euler, HyperEuler, MLPHyperNet, fit, harvest, tune
+from torchdyn_hypersolvers import Euler, HyperEuler, MLPHyperNet, fit, harvest, tune, tuning
 from torchdyn_hypersolvers._reference import reference_solve
 from torchdyn_hypersolvers.fit import residual_data
-from torchdyn_hypersolvers.tuning import TuneResult, fit_time_grid
+from torchdyn_hypersolvers.shards import harvest_across_ranks
+from torchdyn_hypersolvers.tuning import Search, TuneResult, fit_time_grid
 
 SPAN = torch.tensor([0.0, 1.0])
 QUICK = dict(nfe=[4], bases=(HyperEuler,), stage_aware=False, iterations=3, grid=False, progress=False)
@@ -165,6 +166,33 @@ def test_tune_names_the_users_row_of_a_nan_input(share):
 def test_tune_refuses_a_split_that_leaves_nothing_to_fit_on():
     with pytest.raises(ValueError, match=r"held_out=0.9 of 4 inputs holds out 4 and leaves 0 to fit on"):
         tune(NeuralODE(_field()), _inputs(4), SPAN, **{**QUICK, "held_out": 0.9})
+    with pytest.raises(ValueError, match=r"held_out=4 of 4 inputs holds out 4 and leaves 0 to fit on.*at most 3"):
+        tune(NeuralODE(_field()), _inputs(4), SPAN, **{**QUICK, "held_out": 4})
+
+
+@pytest.mark.parametrize("held_out", [0, -3, 1.0, 256.0, True, "0.25", None])
+def test_tune_refuses_a_held_out_that_is_neither_a_share_nor_a_count(held_out):
+    with pytest.raises(ValueError, match=rf"held_out must be .*got {re.escape(repr(held_out))}"):
+        Search(held_out=held_out)
+
+
+def test_a_held_out_count_holds_out_that_many_inputs_and_fits_on_the_rest(monkeypatch):
+    harvested = []
+
+    def spy(model, x, *args, **kwargs):
+        harvested.append(x)
+        return harvest_across_ranks(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "harvest_across_ranks", spy)
+    x = _inputs(40)
+    result = tune(NeuralODE(_field()), x, SPAN, **{**QUICK, "held_out": 7})
+    assert len(result.held_out) == 7 and len(set(result.held_out_index.tolist())) == 7
+    assert torch.equal(result.held_out, x[result.held_out_index])
+    (fitted,) = harvested  # the 33 others, every one of them
+    def rows(t):
+        return {tuple(r.tolist()) for r in t}
+
+    assert len(fitted) == 33 and rows(fitted) | rows(result.held_out) == rows(x)
 
 
 def test_tune_refuses_a_field_whose_output_is_not_shaped_like_the_state():

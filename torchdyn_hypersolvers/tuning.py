@@ -20,7 +20,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -57,11 +57,15 @@ PRUNE_FACTOR = 100.0
 many times the best classical solver's: g would have to learn the residual to better than 1%."""
 MATCH_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 GRID_GAIN = 0.99
+"""A learned grid is kept when its held-out error is below this fraction of the uniform grid's."""
 DEFAULT_G_SIZES = ((64, 64), (128, 128, 128))
 """The default g's hidden layers: the first for every candidate, the wider ones for each budget's best."""
 BUDGET_NFE = 4
 """Budget fits for more evaluations of f than this get proportionally fewer iterations (each costs more)."""
-"""A learned grid is kept when its held-out error is below this fraction of the uniform grid's."""
+ALONE_FACTOR = 10.0
+"""A budget's per-step coefficients without g are not fitted when its base solver's held-out error is more
+than this many times the budget's best hypersolver's: learned coefficients and grid lower a base's error
+2-3x on the benchmark workloads, so they could not come near (nor be worth their fit)."""
 _DEPRECATED = {
     "CLASSICAL": ("the classical solver per stage count is private now", _CLASSICAL_BY_STAGES),
     "OUTSIDE_FIT": (
@@ -250,8 +254,11 @@ class Search:
             and :meth:`TuneResult.cheapest` picks by time. Ignored with a ``hypernet``.
         coefficients_alone: with the budget fit, also fit, per budget whose best base has several
             stages, that base's per-step coefficients alone (a
-            :class:`~.nonstationary.NonStationarySolver` without g: no cost per step beyond f's).
-        held_out: the share of the inputs kept for the comparison and never fitted on.
+            :class:`~.nonstationary.NonStationarySolver` without g: no cost per step beyond f's), unless
+            the base's held-out error there is over ``ALONE_FACTOR`` (10) times the best hypersolver's.
+        held_out: the inputs kept for the comparison and never fitted on: a share of them (a float in
+            (0, 1)) or a count (an int, ``held_out=256``: with many inputs, the fit gets all the others
+            while the comparison, whose cost grows with its batch, stays the same size).
         max_seconds: stop fitting new candidates and grids after this much wall time (the first
             candidate is always fitted; those skipped are listed in ``TuneResult.pruned``).
         seed: draws the held-out inputs; seeds each g's initialisation, its fit and the grids.
@@ -270,7 +277,7 @@ class Search:
     g_sizes: Tuple[Tuple[int, ...], ...] = DEFAULT_G_SIZES
     coefficients_alone: bool = True
     distance: Any = None
-    held_out: float = 0.25
+    held_out: Union[float, int] = 0.25
     max_seconds: Optional[float] = None
     seed: int = 0
 
@@ -281,8 +288,7 @@ class Search:
                 raise ValueError(f"bases must be hypersolver classes with a tableau (HyperEuler, ...), got {cls!r}")
         if not isinstance(self.recipe, Recipe):
             raise TypeError(f"recipe must be a Recipe, got {type(self.recipe).__name__}")
-        if not 0.0 < self.held_out < 1.0:
-            raise ValueError(f"held_out must be a fraction in (0, 1), got {self.held_out!r}")
+        _check_held_out(self.held_out)
         check_int(self.grid_iterations, "grid_iterations", minimum=0)
         if self.budget_iterations is not None:
             check_int(self.budget_iterations, "budget_iterations", minimum=0)
@@ -290,6 +296,19 @@ class Search:
         Task(distance=self.distance)  # refuses an unknown distance by name
         if self.max_seconds is not None and not self.max_seconds >= 0:
             raise ValueError(f"max_seconds must be None or a non-negative number, got {self.max_seconds!r}")
+
+
+def _check_held_out(held_out) -> None:
+    """Refuse, by value, a ``held_out`` that is neither a share in (0, 1) nor a positive count."""
+    if isinstance(held_out, bool) or not isinstance(held_out, (int, float)):
+        raise ValueError(f"held_out must be a share in (0, 1) or a count of inputs (an int), got {held_out!r}")
+    if isinstance(held_out, int) and held_out < 1:
+        raise ValueError(f"held_out must be at least 1 input when a count, got {held_out!r}")
+    if isinstance(held_out, float) and not 0.0 < held_out < 1.0:
+        raise ValueError(
+            f"held_out must be a share in (0, 1) or a count of inputs (an int), got {held_out!r}"
+            + (f" (for a count, write held_out={int(held_out)})" if held_out >= 1 and held_out.is_integer() else "")
+        )
 
 
 def _check_sizes(sizes) -> Tuple[Tuple[int, ...], ...]:
@@ -515,14 +534,15 @@ def _check_dtypes(model, x: Tensor) -> None:
         )
 
 
-def _held_out_count(n: int, held_out: float) -> int:
-    """How many of ``n`` inputs the ``held_out`` share holds out (at least one); refuses a split that leaves
-    none to fit on."""
-    held = max(1, int(round(held_out * n)))
+def _held_out_count(n: int, held_out: Union[float, int]) -> int:
+    """How many of ``n`` inputs ``held_out`` (a share, or a count) holds out (at least one); refuses a split
+    that leaves none to fit on."""
+    held = held_out if isinstance(held_out, int) else max(1, int(round(held_out * n)))
     if held >= n:
+        smaller = f"below {(n - 0.5) / n:.3g}" if isinstance(held_out, float) else f"at most {n - 1}"
         raise ValueError(
-            f"held_out={held_out:g} of {n} inputs holds out {held} and leaves {n - held} to fit on: tune needs inputs "
-            f"in both shares; give more inputs or a smaller held_out (below {(n - 0.5) / n:.3g} for {n} inputs)"
+            f"held_out={held_out:g} of {n} inputs holds out {held} and leaves {max(0, n - held)} to fit on: tune needs "
+            f"inputs in both shares; give more inputs or a smaller held_out ({smaller} for {n} inputs)"
         )
     return held
 
@@ -767,7 +787,8 @@ def _finalist_job(
     if kind == "alone":
         if not _budget_iterations(run.search, n) or run.out_of_time():
             return None, pruned
-        return _coefficients_alone(run, n, best.steps, narrow.hs.tableau, trajectories, ends), pruned
+        where = (n, best.steps, best.terminal_error)
+        return _coefficients_alone(run, where, narrow.hs.tableau, trajectories, ends, pruned), pruned
     if (best.solver, kind) not in wider or run.out_of_time():
         return None, {f"g {_size_name(kind)} at NFE {n}": run.skipped()}
     where = (n, f"{best.solver} [g {_size_name(kind)}]", best.steps)
@@ -865,13 +886,24 @@ def _per_step(solver: HyperSolver, steps: int) -> HyperSolver:
     return hs
 
 
-def _coefficients_alone(run: _Run, nfe: int, steps: int, base, trajectories: Trajectories, ends: _Ends):
-    """A finalist with no g: ``base``'s per-step coefficients and the grid fitted for the budget."""
+def _coefficients_alone(
+    run: _Run, where: Tuple[int, int, float], base, trajectories: Trajectories, ends: _Ends, pruned: Dict[str, str]
+) -> Optional[Choice]:
+    """A finalist with no g: ``base``'s per-step coefficients and the grid fitted for the budget (``where``:
+    NFE, steps and the budget's best hypersolver error); None, and why in ``pruned``, when the base's own
+    held-out error is over ``ALONE_FACTOR`` times that error."""
+    nfe, steps, best_error = where
     hs = NonStationarySolver(base, steps)
     if run.dtype is not None:
         hs = hs.to(run.dtype)
     uniform = torch.linspace(float(run.ends[0]), float(run.ends[1]), steps + 1).to(ends.z_test)
     uniform_error = _terminal_error(hs, run.f, ends.z_test, ends.ref_test, uniform)
+    if not uniform_error <= ALONE_FACTOR * best_error:  # nan too
+        pruned[f"{base.name} with per-step coefficients (no g) at NFE {nfe}"] = (
+            f"not fitted: {base.name}'s held-out error there ({uniform_error:.3g}) is over {ALONE_FACTOR:g}x the best "
+            f"hypersolver's ({best_error:.3g}); learned coefficients alone would not come near"
+        )
+        return None
     with preserved(run.module):
         budget = trajectories.replace(meshes={steps: trajectories.meshes[steps]})
         iterations = _budget_iterations(run.search, nfe)
