@@ -32,6 +32,12 @@ def test_flow_matching_tutorial_quick(tmp_path):
         for label in ("tuned@4", "euler@4", "midpoint@4", "rk4@4"):
             assert rows[label]["nfe"] == 4, (name, label, rows[label])
         assert rows["dopri5 0.0001"]["nfe"] > 8
+        assert rows["torchdiffeq dopri5 0.0001"]["nfe"] > 8  # Meta's flow_matching samples with torchdiffeq
+        for found in summary[f"{name}_speedup_terminal_error"].values():  # per adaptive sampler: None or a choice
+            assert found is None or (found["terminal_error"] <= found["adaptive"] and found["speedup"] > 0)
+        assert set(summary[f"{name}_speedup_terminal_error"]) == {
+            "dopri5 0.0001", "dopri5 0.001", "torchdiffeq dopri5 0.0001", "torchdiffeq dopri5 0.001"
+        }
         # the tuned sampler beats the classical ones at its budget, in error and in W2 to the reference
         for metric in ("terminal_error", "w2_to_reference"):
             assert rows["tuned@4"][metric] < rows["euler@4"][metric], (name, metric)
