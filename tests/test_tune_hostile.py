@@ -170,10 +170,17 @@ def test_tune_refuses_a_split_that_leaves_nothing_to_fit_on():
         tune(NeuralODE(_field()), _inputs(4), SPAN, **{**QUICK, "held_out": 4})
 
 
-@pytest.mark.parametrize("held_out", [0, -3, 1.0, 256.0, True, "0.25", None])
+@pytest.mark.parametrize("held_out", [0, -3, 1.0, 256.0, True, "0.25", [8]])
 def test_tune_refuses_a_held_out_that_is_neither_a_share_nor_a_count(held_out):
     with pytest.raises(ValueError, match=rf"held_out must be .*got {re.escape(repr(held_out))}"):
         Search(held_out=held_out)
+
+
+@pytest.mark.parametrize("n, held", [(4, 1), (40, 10), (2048, 512), (10000, 512)])
+def test_the_default_held_out_is_a_quarter_of_the_inputs_at_most_held_out_max(n, held):
+    assert Search().held_out is None and tuning.HELD_OUT_MAX == 512
+    assert tuning._held_out_count(n, None) == held
+    assert tuning._held_out_count(n, 0.25) == round(0.25 * n)  # a share is a share, uncapped
 
 
 def test_a_held_out_count_holds_out_that_many_inputs_and_fits_on_the_rest(monkeypatch):

@@ -62,6 +62,8 @@ DEFAULT_G_SIZES = ((64, 64), (128, 128, 128))
 """The default g's hidden layers: the first for every candidate, the wider ones for each budget's best."""
 BUDGET_NFE = 4
 """Budget fits for more evaluations of f than this get proportionally fewer iterations (each costs more)."""
+HELD_OUT_MAX = 512
+"""The most inputs the default ``held_out`` keeps out of the fit (a quarter of them otherwise)."""
 ALONE_FACTOR = 10.0
 """A budget's per-step coefficients without g are not fitted when its base solver's held-out error is more
 than this many times the budget's best hypersolver's: learned coefficients and grid lower a base's error
@@ -257,8 +259,9 @@ class Search:
             :class:`~.nonstationary.NonStationarySolver` without g: no cost per step beyond f's), unless
             the base's held-out error there is over ``ALONE_FACTOR`` (10) times the best hypersolver's.
         held_out: the inputs kept for the comparison and never fitted on: a share of them (a float in
-            (0, 1)) or a count (an int, ``held_out=256``: with many inputs, the fit gets all the others
-            while the comparison, whose cost grows with its batch, stays the same size).
+            (0, 1)), a count (an int, ``held_out=256``), or None (the default): a quarter of them, at
+            most ``HELD_OUT_MAX`` (512), so that with thousands of inputs the fit gets all the others
+            while the comparison, whose cost grows with its batch, stays small.
         max_seconds: stop fitting new candidates and grids after this much wall time (the first
             candidate is always fitted; those skipped are listed in ``TuneResult.pruned``).
         seed: draws the held-out inputs; seeds each g's initialisation, its fit and the grids.
@@ -277,7 +280,7 @@ class Search:
     g_sizes: Tuple[Tuple[int, ...], ...] = DEFAULT_G_SIZES
     coefficients_alone: bool = True
     distance: Any = None
-    held_out: Union[float, int] = 0.25
+    held_out: Union[float, int, None] = None
     max_seconds: Optional[float] = None
     seed: int = 0
 
@@ -299,7 +302,9 @@ class Search:
 
 
 def _check_held_out(held_out) -> None:
-    """Refuse, by value, a ``held_out`` that is neither a share in (0, 1) nor a positive count."""
+    """Refuse, by value, a ``held_out`` that is neither None, a share in (0, 1) nor a positive count."""
+    if held_out is None:
+        return
     if isinstance(held_out, bool) or not isinstance(held_out, (int, float)):
         raise ValueError(f"held_out must be a share in (0, 1) or a count of inputs (an int), got {held_out!r}")
     if isinstance(held_out, int) and held_out < 1:
@@ -534,9 +539,11 @@ def _check_dtypes(model, x: Tensor) -> None:
         )
 
 
-def _held_out_count(n: int, held_out: Union[float, int]) -> int:
-    """How many of ``n`` inputs ``held_out`` (a share, or a count) holds out (at least one); refuses a split
-    that leaves none to fit on."""
+def _held_out_count(n: int, held_out: Union[float, int, None]) -> int:
+    """How many of ``n`` inputs ``held_out`` (a share, a count, or None: a quarter, at most ``HELD_OUT_MAX``)
+    holds out (at least one); refuses a split that leaves none to fit on."""
+    if held_out is None:
+        return min(max(1, int(round(0.25 * n))), HELD_OUT_MAX)
     held = held_out if isinstance(held_out, int) else max(1, int(round(held_out * n)))
     if held >= n:
         smaller = f"below {(n - 0.5) / n:.3g}" if isinstance(held_out, float) else f"at most {n - 1}"
