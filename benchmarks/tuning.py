@@ -13,6 +13,7 @@ convolutional g over budgets 2 to 8 (its tune stays under 10 minutes).
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from typing import Dict, Optional
@@ -32,6 +33,8 @@ from .common import compare
 LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 TOLERANCES = (1e-3, 1e-4)
 THREADS = 1
+WORKERS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+"""tune's forked workers (``tune(..., workers=)``), one torch thread each: the cores this machine gives."""
 
 
 class _Counter(torch.nn.Module):
@@ -57,7 +60,8 @@ def _workloads(quick: bool):
     cnf_x = workloads.cnf_density.sample_base(n, torch.Generator().manual_seed(1))
     it = 20 if quick else 2000
     # thousands of inputs (the fit learns the model's states, not a few trajectories), 256 of them held out
-    common = dict(iterations=it, grid_iterations=5 if quick else 200, held_out=16 if quick else 256)
+    workers = 1 if quick else WORKERS
+    common = dict(iterations=it, grid_iterations=5 if quick else 200, held_out=16 if quick else 256, workers=workers)
     return [
         ("2-D moons", m["model"], m["x_tune"], torch.linspace(0, 1, 2), None, common),
         (
@@ -73,6 +77,7 @@ def _workloads(quick: bool):
                 nfe=(2, 3, 4, 6, 8),
                 iterations=10 if quick else 300,
                 grid_iterations=5 if quick else 50,
+                workers=workers,
             ),
         ),
         ("CNF pinwheel (sampling)", c["vf"], cnf_x, c["t_span"], None, common),
@@ -223,7 +228,8 @@ def run(quick: bool = False):
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        return {"threads": THREADS, "workloads": [_one(*w, quick=quick) for w in _workloads(quick)]}
+        workloads = [_one(*w, quick=quick) for w in _workloads(quick)]
+        return {"threads": THREADS, "workers": 1 if quick else WORKERS, "workloads": workloads}
     finally:
         torch.set_num_threads(threads)
 
@@ -236,7 +242,9 @@ def markdown(result) -> str:
     lines = [
         "### tune() against dopri5 at equal accuracy (held-out inputs)",
         "",
-        f"{result['threads']} torch thread(s). Accuracy: test accuracy of the classifier's head for digits, "
+        f"{result['threads']} torch thread(s); tune in {result.get('workers', 1)} forked worker(s) "
+        f"(`tune(..., workers={result.get('workers', 1)})`), one thread each. "
+        "Accuracy: test accuracy of the classifier's head for digits, "
         "mean terminal error otherwise. Speed-up: dopri5's median wall time / the tuned choice's.",
         "",
         "| workload | tol | dopri5 NFE | dopri5 accuracy | tuned choice | NFE | its accuracy | tuned (ms) "

@@ -16,7 +16,7 @@ PACKAGE = pathlib.Path(th.__file__).parent
 # Lower layers never import higher ones. Within a layer, imports are allowed where they do not make a
 # cycle (checked separately). Every module of the package must be listed.
 LAYERS = [
-    {"_version", "_checks", "_progress", "_files", "_states", "tableaus", "metrics"},
+    {"_version", "_checks", "_progress", "_files", "_states", "tableaus", "metrics", "_workers"},
     {"_mesh", "_solver_names", "_costs", "_adjoint", "_precision", "_records", "_outside_fit", "_user_model",
      "_model_identity"},
     {"_reference", "hypernets", "validity", "_loop"},

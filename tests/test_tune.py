@@ -9,7 +9,18 @@ from torch import nn
 from torchdyn.core import NeuralODE
 from torchdyn.numerics import odeint
 
-from torchdyn_hypersolvers import Euler, HyperEuler, HyperMidpoint, HyperRK4, MLPHyperNet, Recipe, load, pareto, tune
+from torchdyn_hypersolvers import (
+    Euler,
+    HyperEuler,
+    HyperMidpoint,
+    HyperRK4,
+    MLPHyperNet,
+    Recipe,
+    load,
+    pareto,
+    tune,
+    tuning,
+)
 from torchdyn_hypersolvers._reference import reference_solve
 from torchdyn_hypersolvers._time_grid import fit_time_grid, grid_from_logits
 from torchdyn_hypersolvers.tuning import PRUNE_FACTOR, Search, _resolve_search
@@ -311,7 +322,9 @@ def test_tuned_rk4_with_a_scaled_g_is_scaled_once():
     hs = result.candidates["HyperRK4"]
     assert hs.hypernet.scales_output and not torch.equal(hs.hypernet.out_std, torch.ones(2))  # standardised
     assert hs.residual_scale == 1.0  # g's own output scale, not a second one
-    assert result.fit_reports["HyperRK4"].iterations == 5
+    assert result.fit_reports["HyperRK4"].iterations == 5 * tuning.HIGH_ORDER_ITERATIONS  # order 4: fitted longer
+    euler = tune(f, x, T_SPAN, nfe=[4], bases=(HyperEuler,), iterations=5, grid=False, progress=False)
+    assert euler.fit_reports["HyperEuler"].iterations == 5  # a lower order: the recipe's
 
 
 def test_search_options_and_keywords():

@@ -29,13 +29,13 @@ def main(out: pathlib.Path) -> None:
     fitted_here, finalists_here = [], []
     original = shards.split_across_ranks
 
-    def recording(items):
-        mine = original(items)
+    def recording(items, costs=None):
+        mine = original(items, costs)
         for item in mine:
-            if len(item) == 4:  # a candidate: (class, steps, stage-aware, label)
+            if isinstance(item[0], type):  # a candidate: (class, steps, stage-aware, label)
                 fitted_here.append(item[-1])
-            else:  # a wider g (label, size) or a budget's finalist (nfe, kind)
-                finalists_here.append(item)
+            else:  # a unit: a wider g (label, size) and the finalists (nfe, kind) that use it, or one finalist
+                finalists_here.extend(item)
         return mine
 
     shards.split_across_ranks = recording

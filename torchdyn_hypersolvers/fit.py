@@ -544,6 +544,7 @@ class _Batches:
         self.weight = _balance(hs, data, recipe, method)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.index: Optional[Tensor] = None
+        self.batch: Optional[ResidualData] = None  # data.select(index), gathered once per draw
         self.worst: List[float] = []
         n = adversarial.rounds if adversarial is not None else 0
         self.rounds = {recipe.iterations * (k + 1) // (n + 1) for k in range(n)}
@@ -554,14 +555,17 @@ class _Batches:
             found, fc, err = _adversarial_round(self.hs, self.trajectories, self.f, self.adversarial, self.generator)
             self.worst.append(err)
             self.data = self.data.extend(residual_data(self.hs, found, fc))
+            self.batch = None
             if self.method == "trajectory":
                 self.trajectories = self.trajectories.extend(found).replace(f=self.f)
         recipe = self.recipe
         if self.index is None or (i >= recipe.warmup and (i - recipe.warmup) % recipe.swap_every == 0):
             index = torch.randperm(len(self.data), generator=self.generator)[: recipe.batch_size]
-            self.index = index.to(self.data.z.device)
+            self.index, self.batch = index.to(self.data.z.device), None
         if self.method == "residual":
-            return residual_loss(self.hs, self.data, self.index, self.weight)
+            if self.batch is None:
+                self.batch = self.data.select(self.index)
+            return residual_loss(self.hs, self.batch, None, self.weight)
         return trajectory_loss(self.hs, self.trajectories.select(self.index), self.f)
 
 

@@ -69,6 +69,7 @@ __all__ = [
     "gather_fitted",
     "harvest_across_ranks",
     "harvest_shards",
+    "owners",
     "rank_and_world_size",
     "split_across_ranks",
 ]
@@ -447,22 +448,39 @@ def harvest_across_ranks(
     return result
 
 
-def split_across_ranks(items: Sequence) -> List:
-    """This rank's share of ``items``: item ``i`` goes to rank ``i % world_size`` (all of them alone)."""
-    rank, world = rank_and_world_size()
-    return list(items)[rank::world]
+def owners(count: int, costs: Optional[Sequence[float]] = None) -> List[int]:
+    """The rank that does each of ``count`` items: ``i % world_size``, or with ``costs`` (one estimate per
+    item) the costliest first, each to the rank with the least work so far (the same on every rank)."""
+    world = rank_and_world_size()[1]
+    if costs is None:
+        return [i % world for i in range(count)]
+    if len(costs) != count:
+        raise ValueError(f"owners needs one cost per item: {count} items, {len(costs)} costs")
+    load, owner = [0.0] * world, [0] * count
+    for i in sorted(range(count), key=lambda i: -costs[i]):
+        owner[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[i]] += costs[i]
+    return owner
 
 
-def gather_fitted(local: Mapping, keys: Sequence, device=None) -> Dict:
+def split_across_ranks(items: Sequence, costs: Optional[Sequence[float]] = None) -> List:
+    """This rank's share of ``items`` (all of them alone), as :func:`owners` assigns them."""
+    rank = rank_and_world_size()[0]
+    items = list(items)
+    return [item for item, owner in zip(items, owners(len(items), costs)) if owner == rank]
+
+
+def gather_fitted(local: Mapping, keys: Sequence, device=None, costs: Optional[Sequence[float]] = None) -> Dict:
     """Every rank's results, on every rank: ``local`` holds this rank's (``key -> object``, e.g. fitted
-    hypersolvers) for its share of ``keys`` (:func:`split_across_ranks`); the object of key ``i`` is sent
-    by rank ``i % world_size`` to all (pickled with ``torch.save``: modules with their weights and
+    hypersolvers) for its share of ``keys`` (:func:`split_across_ranks`, with the same ``costs``); each
+    object is sent by its owner to all (pickled with ``torch.save``: modules with their weights and
     attributes), its tensors loaded onto ``device`` (default: as they were). A key its owner lacks (skipped)
     is left out everywhere. Returns ``key -> object`` in the order of ``keys``."""
     rank, world = rank_and_world_size()
     gathered = {}
+    assigned = owners(len(keys), costs)
     for i, key in enumerate(keys):
-        owner = i % world
+        owner = assigned[i]
         if world == 1:
             if key in local:
                 gathered[key] = local[key]
@@ -537,6 +555,7 @@ class _Stream:
         self.rows: List[Tensor] = []  # batches of the current shard still to draw
         self.data: Optional[ResidualData] = None
         self.index: Optional[Tensor] = None
+        self.batch: Optional[ResidualData] = None
         self.weight: Optional[Tensor] = None
         self.state_range: Optional[Tensor] = None  # [2, features]: the smallest and largest state values
 
@@ -583,12 +602,13 @@ class _Stream:
             perm = torch.randperm(len(self.data), generator=self.generator)
             self.rows = list(perm.split(self.recipe.batch_size))
         self.index = self.rows.pop(0).to(self.device)
+        self.batch = self.data.select(self.index)  # gathered once per draw, not once per iteration
 
     def loss_at(self, i: int) -> Tensor:
         recipe = self.recipe
         if self.index is None or (i >= recipe.warmup and (i - recipe.warmup) % recipe.swap_every == 0):
             self._next_batch()
-        return residual_loss(self.hs, self.data, self.index, self.weight)
+        return residual_loss(self.hs, self.batch, None, self.weight)
 
     def errors(self) -> Tuple[Dict[int, float], Dict[int, float]]:
         """Mean ``|g - R|`` and ``|R|`` per mesh over all the shards, one at a time."""

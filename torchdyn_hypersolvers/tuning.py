@@ -37,6 +37,7 @@ from ._progress import progress_bar
 from ._reference import reference_solve
 from ._time_grid import fit_time_grid, grid_collision, grid_from_logits
 from ._user_model import check_field_output, owned_modules, preserved, resolve_model
+from ._workers import check_workers, fork_can_backprop, in_workers
 from .budget import fit_budget
 from .evaluate import ParetoResult, ParetoRow, Task, _distance_title, pareto
 from .fit import FitReport, fit, residual_data
@@ -64,6 +65,11 @@ BUDGET_NFE = 4
 """Budget fits for more evaluations of f than this get proportionally fewer iterations (each costs more)."""
 HELD_OUT_MAX = 512
 """The most inputs the default ``held_out`` keeps out of the fit (a quarter of them otherwise)."""
+HIGH_ORDER_ITERATIONS = 2
+"""A base of order 4 or more (RK4) is fitted for this many times the recipe's iterations: its residuals are
+the smallest, and g needs longer to learn them as accurately as its budgets ask (a CNF at 16 evaluations of
+f: 0.185x RK4's error with 2000 iterations, 0.11x with 4000); its fits are the cheapest per iteration (the
+fewest steps per trajectory)."""
 ALONE_FACTOR = 10.0
 """A budget's per-step coefficients without g are not fitted when its base solver's held-out error is more
 than this many times the budget's best hypersolver's: learned coefficients and grid lower a base's error
@@ -241,8 +247,9 @@ class Search:
             time-aware, standardised :class:`~.hypernets.MLPHyperNet` of two 64-wide layers, for
             states ``(B, D)``; image states need one).
         stage_aware: also try, for bases of two or more stages, a g that reads every stage.
-        recipe: how each candidate's g is fitted (a :class:`~.fit.Recipe`; 2000 iterations);
-            ``tune(..., iterations=300)`` changes its iterations alone.
+        recipe: how each candidate's g is fitted (a :class:`~.fit.Recipe`; 2000 iterations, twice as many
+            for a base of order 4 or more: ``HIGH_ORDER_ITERATIONS``); ``tune(..., iterations=300)``
+            changes its iterations alone.
         grid, grid_iterations: fit a time grid for each budget's choice (kept only when it lowers
             the held-out error).
         budget_iterations: then fit the choice's g and grid together for its budget, end to end
@@ -265,6 +272,9 @@ class Search:
         max_seconds: stop fitting new candidates and grids after this much wall time (the first
             candidate is always fitted; those skipped are listed in ``TuneResult.pruned``).
         seed: draws the held-out inputs; seeds each g's initialisation, its fit and the grids.
+        workers: split the fits over this many forked processes on the CPU (a local gloo process group,
+            one share of torch's threads each, as under torchrun): about ``workers`` times faster on as
+            many idle cores. Linux (fork) and a model on the CPU only; 1 (the default): this process.
         distance: a sample distance (``'w2'``, ``'mmd'`` or ``fn(samples, reference)``, as
             :class:`~.evaluate.Task` takes it) measured for every row of the table and every finalist:
             what a sampler costs in sample quality. None: not measured.
@@ -283,6 +293,7 @@ class Search:
     held_out: Union[float, int, None] = None
     max_seconds: Optional[float] = None
     seed: int = 0
+    workers: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bases", tuple(self.bases))
@@ -293,6 +304,7 @@ class Search:
             raise TypeError(f"recipe must be a Recipe, got {type(self.recipe).__name__}")
         _check_held_out(self.held_out)
         check_int(self.grid_iterations, "grid_iterations", minimum=0)
+        check_int(self.workers, "workers", minimum=1)
         if self.budget_iterations is not None:
             check_int(self.budget_iterations, "budget_iterations", minimum=0)
         object.__setattr__(self, "g_sizes", _check_sizes(self.g_sizes))
@@ -318,9 +330,12 @@ def _check_held_out(held_out) -> None:
 
 def _check_sizes(sizes) -> Tuple[Tuple[int, ...], ...]:
     """``g_sizes`` as a tuple of tuples, refused by value unless hidden-layer widths (positive ints)."""
+
     def is_size(size) -> bool:
-        return isinstance(size, (tuple, list)) and len(size) > 0 and all(
-            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in size
+        return (
+            isinstance(size, (tuple, list))
+            and len(size) > 0
+            and all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in size)
         )
 
     if not isinstance(sizes, (tuple, list)) or not sizes or not all(map(is_size, sizes)):
@@ -408,7 +423,7 @@ def tune(
             ``TuneResult.target_error`` (what :meth:`TuneResult.cheapest` aims at by default).
         search: the candidates and the effort (a :class:`Search`); its fields (``bases=``,
             ``hypernet=``, ``stage_aware=``, ``grid=``, ``grid_iterations=``, ``held_out=``,
-            ``max_seconds=``, ``seed=``, and ``iterations=``: the recipe's) can be given as keywords.
+            ``max_seconds=``, ``seed=``, ``workers=``, and ``iterations=``: the recipe's) can be given as keywords.
         labels: the task labels of the inputs' model head (the table's task decrement).
         device: where to harvest and fit (default: where the model computes).
         progress: a tqdm bar over the stages of the search.
@@ -416,6 +431,27 @@ def tune(
     search = _resolve_search(search, options)
     budgets = _check_budgets(nfe if nfe is not None else (MATCH_LADDER if match else (4, 8, 16, 24)))
     target = _parse_match(match) if match is not None else None
+    arguments = (model, x, t_span, budgets, (match, target), search, labels, device, progress)
+    if search.workers == 1:
+        return _tune(*arguments)
+    devices = [torch.device(device)] if device is not None else []
+    devices += [p.device for m in owned_modules(model) for p in m.parameters()]
+    check_workers(search.workers, devices)
+    if not fork_can_backprop():
+        warnings.warn(
+            f"tune(workers={search.workers}) runs in this process: a forked process cannot use autograd once this "
+            "one ran autograd's worker threads (a backward through torch.compile does); call tune from a fresh "
+            "process to use the workers",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _tune(*arguments)
+    return in_workers(_tune, search.workers, *arguments)
+
+
+def _tune(model, x, t_span, budgets, matched, search: Search, labels, device, progress: bool, rank: int = 0):
+    """:func:`tune`'s search, in this process or as one of its workers (``rank``: only rank 0 shows progress)."""
+    (match, target), progress = matched, progress and rank == 0
     with preserved(*owned_modules(model), restore=True):  # every phase leaves the user's model as it was
         run = _setup(model, x, t_span, labels, device, search)
         finalists = len(run.sizes) + int(search.coefficients_alone)
@@ -641,21 +677,36 @@ def _fit_candidates(run: _Run, trajectories: Trajectories, plan: _Plan, bar: _Ba
         for cls, steps in plan.steps.items()
         for aware in [False] + ([True] if run.search.stage_aware and cls.tableau.stages > 1 else [])
     ]
+    costs = [_fit_cost(run, cls, steps, run.sizes[0]) for cls, steps, *_ in jobs]
     local: Dict[str, _Candidate] = {}
-    for cls, steps, aware, label in split_across_ranks(jobs):  # every job without a process group
+    for cls, steps, aware, label in split_across_ranks(jobs, costs):  # every job without a process group
         if local and run.out_of_time():  # each rank's first candidate is always fitted
             continue
         meshes = trajectories.replace(meshes={n: trajectories.meshes[n] for n in steps})
         local[label] = _fit_one(run, cls, aware, meshes, run.sizes[0])
         bar.update()
-    candidates = gather_fitted(local, [label for *_, label in jobs], device=run.device)  # the same on every rank
+    candidates = gather_fitted(local, [label for *_, label in jobs], run.device, costs)  # the same on every rank
     pruned = {label: run.skipped() for *_, label in jobs if label not in candidates}
     return _Fitted(candidates, pruned)
 
 
+def _iteration_factor(cls: type) -> int:
+    return HIGH_ORDER_ITERATIONS if cls.tableau.order >= 4 else 1
+
+
+def _fit_cost(run: _Run, cls: type, steps: Sequence[int], size: Optional[Tuple[int, ...]]) -> float:
+    """An estimate of a residual fit's time, for sharing fits between ranks (about seconds for a small
+    field on one CPU thread): a fixed part, and a part per step of each trajectory (g's batch holds every
+    step of every mesh) that grows with g's width."""
+    width = sum(size) / 128 if size else 1.0
+    iterations = run.search.recipe.iterations * _iteration_factor(cls)
+    return iterations / 2000 * (8.0 + 0.14 * width * sum(steps))
+
+
 def _fit_one(run: _Run, cls: type, aware: bool, meshes: Trajectories, size: Optional[Tuple[int, ...]]) -> _Candidate:
     """A fresh g (seeded; the caller's RNG untouched) for ``cls`` (of hidden layers ``size`` for the
-    default g), standardised when it scales its own output, fitted with the search's recipe."""
+    default g), standardised when it scales its own output, fitted with the search's recipe (for a base
+    of order 4 or more, ``HIGH_ORDER_ITERATIONS`` times its iterations)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.search.seed)
         g = run.make(cls, aware) if size is None else run.make(cls, aware, size)
@@ -664,7 +715,9 @@ def _fit_one(run: _Run, cls: type, aware: bool, meshes: Trajectories, size: Opti
         hs = hs.to(run.dtype)
     if getattr(g, "scales_output", False) and hasattr(g, "standardize_"):
         g.standardize_(residual_data(hs, meshes))
-    report = fit(hs, meshes, recipe=run.search.recipe, progress=False, seed=run.search.seed, device=run.device)
+    recipe = run.search.recipe
+    recipe = recipe.replace(iterations=recipe.iterations * _iteration_factor(cls))
+    report = fit(hs, meshes, recipe=recipe, progress=False, seed=run.search.seed, device=run.device)
     hs.eval()
     return _Candidate(hs, meshes.steps, report, size)
 
@@ -731,8 +784,8 @@ def _choose(
     """Per budget, the finalists: a copy of the candidate with the lowest held-out error, and the same
     base with each wider default g (fitted once per candidate, on the meshes of the budgets where that
     candidate is best), each with its time grid and fitted for the budget; all timed. The most
-    accurate is the budget's choice. Under torchrun the wider g's and the finalists are split across
-    the ranks (each made on one rank and sent to all)."""
+    accurate is the budget's choice. Across ranks (torchrun, ``workers``) the work is shared in units
+    (:func:`_units`: a wider g with the finalists that use it), each made on one rank and sent to all."""
     with preserved(run.module), torch.no_grad():
         z_test = run.initial_state(run.x_test.to(trajectories.states.device))
         tol = table.reference_tol
@@ -740,13 +793,20 @@ def _choose(
     ends = _Ends(z_test, ref_test, trajectories.states[0].to(z_test), trajectories.states[-1].to(z_test))
     chosen = _Chosen({}, {}, [])
     bests = _best_rows(run, budgets, table, chosen.pruned)
-    wider = _wider(run, bests, fitted, trajectories)
     jobs = [(n, kind) for n, best in bests.items() for kind in _finalist_kinds(run, fitted.candidates[best.solver])]
+    units = _units(run, bests, jobs)
+    costs = [sum(_job_cost(run, job, bests, fitted) for job in unit) for unit in units]
     local = {}
-    for n, kind in split_across_ranks(jobs):  # every job without a process group
-        local[(n, kind)] = _finalist_job(run, (n, kind), bests[n], fitted, wider, trajectories, ends)
-        bar.update()
-    made = gather_fitted(local, jobs, device=run.device)
+    for unit in split_across_ranks(units, costs):  # every unit without a process group
+        wider, local[unit] = {}, {}
+        for job in unit:
+            if isinstance(job[0], str):  # a wider g, for the finalists after it in this unit
+                wider.update(_wider(run, job, bests, fitted, trajectories))
+                continue
+            local[unit][job] = _finalist_job(run, job, bests[job[0]], fitted, wider, trajectories, ends)
+            bar.update()
+    gathered = gather_fitted(local, units, run.device, costs)
+    made = {job: result for done in gathered.values() for job, result in done.items()}
     for n in bests:
         results = [made[job] for job in jobs if job[0] == n and job in made]
         for _, why in results:
@@ -757,22 +817,44 @@ def _choose(
     return chosen
 
 
-def _wider(
-    run: _Run, bests: Dict[int, ParetoRow], fitted: _Fitted, trajectories: Trajectories
-) -> Dict[Tuple[str, Tuple[int, ...]], _Candidate]:
-    """The wider default g of every budget-winning candidate, ``(label, size) -> candidate``: fitted once per
-    candidate on the meshes of the budgets it won (split across ranks); none when out of time."""
+def _units(run: _Run, bests: Dict[int, ParetoRow], jobs: List[Tuple[int, Any]]) -> List[Tuple]:
+    """The finalist jobs grouped into units of work for the ranks: each wider g, ``(label, size)``, with the
+    finalists that use it (the budgets its candidate won) after it, so that no rank waits for another's g;
+    every other finalist alone."""
     labels = list(dict.fromkeys(best.solver for best in bests.values()))
-    keys = [(label, size) for label in labels for size in run.sizes[1:]]
-    local = {}
-    for label, size in split_across_ranks(keys):
-        if run.out_of_time():
-            continue
-        narrow = fitted.candidates[label]
-        steps = sorted({r.steps for r in bests.values() if r.solver == label})
-        meshes = trajectories.replace(meshes={k: trajectories.meshes[k] for k in steps})
-        local[(label, size)] = _fit_one(run, type(narrow.hs), narrow.hs.reads_stages, meshes, size)
-    return gather_fitted(local, keys, device=run.device)
+    units = [
+        ((label, size), *[(n, k) for n, k in jobs if k == size and bests[n].solver == label])
+        for label in labels
+        for size in run.sizes[1:]
+    ]
+    grouped = {job for unit in units for job in unit[1:]}
+    return units + [(job,) for job in jobs if job not in grouped]
+
+
+def _job_cost(run: _Run, job: Tuple, bests: Dict[int, ParetoRow], fitted: _Fitted) -> float:
+    """An estimate of a job's time, for sharing units between ranks (about seconds for a small field on one
+    CPU thread): a wider g's residual fit, or a budget's finalist (its grid and budget fit)."""
+    if isinstance(job[0], str):  # a wider g: a residual fit on the meshes of the budgets its candidate won
+        label, size = job
+        cls = type(fitted.candidates[label].hs)
+        return _fit_cost(run, cls, [r.steps for r in bests.values() if r.solver == label], size)
+    n, kind = job
+    per_fit = _budget_iterations(run.search, min(n, BUDGET_NFE)) / 1000 or 0.1
+    return per_fit * {None: 7.0, "alone": 6.0}.get(kind, 10.0)
+
+
+def _wider(
+    run: _Run, job: Tuple[str, Tuple[int, ...]], bests: Dict[int, ParetoRow], fitted: _Fitted, trajectories
+) -> Dict[Tuple[str, Tuple[int, ...]], _Candidate]:
+    """``{(label, size): candidate}``: the wider default g of a budget-winning candidate, fitted on the meshes
+    of the budgets it won; empty when out of time."""
+    if run.out_of_time():
+        return {}
+    label, size = job
+    narrow = fitted.candidates[label]
+    won = sorted({r.steps for r in bests.values() if r.solver == label})
+    meshes = trajectories.replace(meshes={k: trajectories.meshes[k] for k in won})
+    return {job: _fit_one(run, type(narrow.hs), narrow.hs.reads_stages, meshes, size)}
 
 
 def _finalist_kinds(run: _Run, narrow: _Candidate) -> List[Any]:
@@ -829,6 +911,7 @@ def _finalist(
 
 def _timed(run: _Run, finalists: List[Choice], ends: _Ends) -> List[Choice]:
     """The finalists with their median wall time on the held-out inputs, measured interleaved."""
+
     def solve(c: Choice) -> Callable[[], object]:
         return lambda: fixed_solve(c.solver, run.f, ends.z_test, c.mesh, return_trajectory=False)
 
