@@ -3,6 +3,7 @@ and cheapest() picking by measured time."""
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -180,3 +181,68 @@ def test_a_wider_g_is_fitted_once_per_candidate_on_the_meshes_of_the_budgets_it_
     for label, steps in narrow.items():  # the candidates themselves: every mesh they are compared on
         assert steps == tuple(sorted({r.steps for r in result.table if r.kind == "hyper" and r.solver == label}))
     assert any(len(narrow[label]) > len(steps) for label, steps in won.items())  # the case this is about
+
+
+def _spy_dtypes(monkeypatch):
+    """Record g's dtype at each residual fit, and g's and f's dtypes at each budget fit."""
+    seen = {"residual": [], "budget": []}
+    fit, fit_budget = tuning.fit, tuning.fit_budget
+
+    def residual(hs, trajectories, **options):
+        seen["residual"].append(next(hs.parameters()).dtype)
+        return fit(hs, trajectories, **options)
+
+    def budget(hs, trajectories, **options):
+        f = trajectories.f
+        f_dtype = next(f.parameters()).dtype if isinstance(f, nn.Module) else "callable"
+        seen["budget"].append((next(hs.parameters()).dtype, f_dtype))
+        return fit_budget(hs, trajectories, **options)
+
+    monkeypatch.setattr(tuning, "fit", residual)
+    monkeypatch.setattr(tuning, "fit_budget", budget)
+    return seen
+
+
+FLOAT64_SEARCH = dict(nfe=[2, 4], bases=(HyperEuler, HyperMidpoint), stage_aware=False, iterations=60,
+                      budget_iterations=20, g_sizes=((16, 16),), progress=False)
+
+
+def test_a_float64_model_is_fitted_in_float32_and_tuned_in_float64(monkeypatch):
+    """g's fits run in float32 (a float32 copy of f for the budget fits); the user's model stays float64 and
+    unchanged, and every finalist comes back in float64, its held-out error measured in float64."""
+    seen = _spy_dtypes(monkeypatch)
+    f = _field().double()
+    before = {k: v.clone() for k, v in f.state_dict().items()}
+    x = torch.randn(96, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    result = tune(f, x, SPAN, **FLOAT64_SEARCH)
+    assert seen["residual"] and set(seen["residual"]) == {torch.float32}
+    assert seen["budget"] and set(seen["budget"]) == {(torch.float32, torch.float32)}
+    assert all(torch.equal(before[k], v) for k, v in f.state_dict().items())
+    assert all(p.dtype == torch.float64 for p in f.parameters())
+    z = result.held_out
+    with torch.no_grad():
+        ref = reference_solve(f, z, SPAN, "dopri5", 1e-10, 1e-10)[-1]
+    for choice in result.options:
+        assert {p.dtype for p in choice.solver.parameters()} <= {torch.float64}
+        assert choice.mesh.dtype == torch.float64
+        if choice.fitted_for_budget:
+            assert choice.solver.time_grid.dtype == torch.float64
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # fitted for this model (not for its float32 copy), on these steps
+            final = choice.solver.solve(f, z, choice.mesh, return_trajectory=False)
+        assert final.dtype == torch.float64
+        assert float((final - ref).norm(dim=1).mean()) == pytest.approx(choice.error, rel=1e-3)
+
+
+def test_a_float64_field_that_cannot_run_in_float32_is_budget_fitted_in_float64(monkeypatch):
+    seen = _spy_dtypes(monkeypatch)
+    weight = torch.tensor([[-1.0, 0.5], [-0.5, -1.0]], dtype=torch.float64)
+
+    def field(t, z):  # float64 numbers in a closure: float32 states are refused by matmul
+        return torch.tanh(z @ weight)
+
+    x = torch.randn(96, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    result = tune(field, x, SPAN, **FLOAT64_SEARCH)
+    assert set(seen["residual"]) == {torch.float32}  # residual targets need no f in float32
+    assert seen["budget"] and set(seen["budget"]) == {(torch.float64, "callable")}
+    assert all(p.dtype == torch.float64 for c in result.options for p in c.solver.parameters())

@@ -115,6 +115,25 @@ def test_owners_give_the_costliest_items_first_to_the_least_loaded_rank(monkeypa
         shards.owners(3, [1, 2])
 
 
+@fork_only
+def test_workers_take_turns_so_a_slow_item_leaves_no_rank_idle(tmp_path):
+    record = _in_a_fresh_process("turns", tmp_path)
+    slow, fast = sorted(record["taken"], key=len)
+    assert slow == ["a"]  # the costliest, taken first; meanwhile the other rank did every other item
+    assert fast == list("bcdef")  # costliest first
+    assert record["gathered"] == {item: (item.upper(), record["taken"].index(slow if item == "a" else fast))
+                                  for item in "fedcba"}
+    assert list(record["gathered"]) == list("fedcba")  # in the order of the keys
+
+
+def test_take_turns_alone_or_under_torchrun_is_the_fixed_share(monkeypatch):
+    assert list(shards.take_turns("abc")) == ["a", "b", "c"]  # alone: everything here
+    with pytest.raises(ValueError, match="one cost per item: 3 items, 2 costs"):
+        list(shards.take_turns("abc", [1, 2]))
+    monkeypatch.setattr(shards, "rank_and_world_size", lambda: (1, 2))  # a process group, not forked workers
+    assert list(shards.take_turns("abcd", [1, 5, 3, 3])) == shards.split_across_ranks("abcd", [1, 5, 3, 3])
+
+
 def test_units_put_each_wider_g_before_the_finalists_that_use_it():
     from types import SimpleNamespace
 

@@ -3,19 +3,22 @@ autograd's threads, which earlier tests of the suite do): ``python tune_workers_
 
 ``split``: tune alone and with ``workers=2``, recording which processes build a g; ``error``: tune with
 ``workers=2`` on inputs holding a nan; ``compiled``: whether a fork can backprop before and after a
-backward through ``torch.compile``, and what ``workers=2`` does then. Results go to ``OUT`` (torch.save).
+backward through ``torch.compile``, and what ``workers=2`` does then; ``turns``: two workers taking turns
+at six items of work, the costliest first, the first item slow. Results go to ``OUT`` (torch.save).
 """
 
 import os
 import pathlib
 import sys
+import time
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from torchdyn_hypersolvers import HyperEuler, HyperMidpoint, MLPHyperNet, tune
-from torchdyn_hypersolvers._workers import fork_can_backprop
+from torchdyn_hypersolvers import HyperEuler, HyperMidpoint, MLPHyperNet, shards, tune
+from torchdyn_hypersolvers._workers import fork_can_backprop, in_workers
 
 SPAN = torch.linspace(0, 1, 2)
 SMALL = dict(
@@ -62,6 +65,18 @@ def summary(result):
     }
 
 
+def taking_turns(rank: int) -> dict:
+    """Six items, costliest first ``"a"`` (slow: 1 s) to ``"f"``; which rank took which, and what
+    :func:`~torchdyn_hypersolvers.shards.gather_fitted` gives every rank."""
+    items, local = list("fedcba"), {}
+    for item in shards.take_turns(items, costs=[1, 2, 3, 4, 5, 6]):
+        time.sleep(1.0 if item == "a" else 0.05)
+        local[item] = (item.upper(), rank)
+    taken = [None, None]
+    dist.all_gather_object(taken, list(local))
+    return {"taken": taken, "gathered": shards.gather_fitted(local, items)}
+
+
 def main(mode: str, out: pathlib.Path) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -93,6 +108,8 @@ def main(mode: str, out: pathlib.Path) -> None:
             warnings.simplefilter("always")
             tune(Field(), inputs(), SPAN, workers=2, **SMALL)
         record["warnings"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    elif mode == "turns":
+        record |= in_workers(taking_turns, 2)
     torch.save(record, out)
 
 

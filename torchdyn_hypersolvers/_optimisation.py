@@ -162,7 +162,7 @@ def optimizer_and_schedule(
     params: List[nn.Parameter], lr: float, lr_min: float, weight_decay: float, iterations: int
 ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW, annealed from ``lr`` to ``lr_min`` over ``iterations`` steps on a cosine."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)  # fewer ops on the CPU too
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=lr_min)
     return optimizer, schedule
 

@@ -31,7 +31,15 @@ from torch import Tensor, nn
 
 from .tableaus import ButcherTableau, rk_stages
 
-__all__ = ["precise_tolerance", "in_float64", "float64_field", "cast_floating", "parameter_dtype"]
+__all__ = [
+    "precise_tolerance",
+    "in_float64",
+    "in_dtype",
+    "field_in",
+    "float64_field",
+    "cast_floating",
+    "parameter_dtype",
+]
 
 TARGET_FRACTION = 0.01
 """The reference error allowed in the residual targets, as a fraction of them."""
@@ -55,12 +63,30 @@ def parameter_dtype(module) -> Optional[torch.dtype]:
 def in_float64(f: Callable) -> Callable:
     """``f`` evaluating in float64: for a module whose floating-point parameters or buffers are
     not all float64, a float64 deep copy (the user's module is never modified); anything else as it is."""
+    return in_dtype(f, torch.float64)
+
+
+def in_dtype(f: Callable, dtype: torch.dtype) -> Callable:
+    """``f`` evaluating in ``dtype``: for a module whose floating-point parameters or buffers are not
+    all of it, a deep copy cast to it (the user's module is never modified); anything else as it is."""
     if not isinstance(f, nn.Module):
         return f
     tensors = [*f.parameters(), *f.buffers()]
-    if all(v.dtype == torch.float64 for v in tensors if v.is_floating_point()):
+    if all(v.dtype == dtype for v in tensors if v.is_floating_point()):
         return f
-    return copy.deepcopy(f).double()
+    return copy.deepcopy(f).to(dtype)
+
+
+def field_in(f: Callable, dtype: torch.dtype, t0: float, probe: Tensor) -> Optional[Callable]:
+    """``f`` in ``dtype`` (:func:`in_dtype`) when it answers ``dtype`` for ``probe`` (states) cast to it;
+    None when it fails or answers in another dtype."""
+    field = in_dtype(f, dtype)
+    try:
+        with torch.no_grad():
+            out = field(torch.tensor(t0, dtype=dtype, device=probe.device), probe.to(dtype))
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return field if isinstance(out, Tensor) and out.dtype == dtype else None
 
 
 def float64_field(f: Callable, t0: float, probe: Tensor) -> Optional[Callable]:

@@ -17,12 +17,15 @@ import sys
 import traceback
 import warnings
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["check_workers", "fork_can_backprop", "in_workers"]
+__all__ = ["check_workers", "claim_next", "fork_can_backprop", "in_workers"]
+
+_store: Optional[dist.Store] = None
+"""In a forked worker, its process group's store (for :func:`claim_next`); None elsewhere."""
 
 
 def check_workers(workers: int, devices: List[torch.device]) -> None:
@@ -92,6 +95,14 @@ def in_workers(fn: Callable[..., Any], workers: int, *args: Any, **kwargs: Any) 
         receive.close()
 
 
+def claim_next(counter: str) -> Optional[int]:
+    """In a worker of :func:`in_workers`: the next number (0, 1, ...) of ``counter``, a count shared by all
+    the workers (each number goes to one worker, whichever asks first). None outside such a worker."""
+    if _store is None:
+        return None
+    return _store.add(counter, 1) - 1
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -100,14 +111,15 @@ def _free_port() -> int:
 
 def _worker(fn, rank: int, world: int, port: int, threads: int, send: Connection, args, kwargs) -> None:
     """One rank: joins the group, runs ``fn``, sends rank 0's result (or any rank's error) to the parent."""
+    global _store
     code = 0
     try:
         if rank > 0:  # the same warnings and prints as rank 0's: shown once
             warnings.simplefilter("ignore")
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
         torch.set_num_threads(threads)
-        store = dist.TCPStore("127.0.0.1", port, world, rank == 0)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        _store = dist.TCPStore("127.0.0.1", port, world, rank == 0)
+        dist.init_process_group("gloo", store=_store, rank=rank, world_size=world)
         result = fn(*args, rank=rank, **kwargs)
         if rank == 0:
             buffer = io.BytesIO()

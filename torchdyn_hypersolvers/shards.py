@@ -8,14 +8,16 @@ machine) skips the shards that are complete and were made by the same request. T
 shard by shard) or joins them (``.load()``) into the :class:`~.harvest.Trajectories` a single-process
 harvest of the same inputs gives, bit for bit when the shards hold whole batches.
 
-Without an initialised process group everything runs in this process. :func:`split_across_ranks` and
-:func:`gather_fitted` share out other work (fitting candidates) and give every rank the results.
+Without an initialised process group everything runs in this process. :func:`split_across_ranks` (or
+:func:`take_turns`) and :func:`gather_fitted` share out other work (fitting candidates) and give every rank
+the results.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -37,6 +39,7 @@ from ._optimisation import fitting, resolve_recipe
 from ._reference import Reference
 from ._solver_names import resolve_base
 from ._user_model import owned_modules, preserved, resolve_model
+from ._workers import claim_next
 from .fit import (
     FitReport,
     ResidualData,
@@ -72,6 +75,7 @@ __all__ = [
     "owners",
     "rank_and_world_size",
     "split_across_ranks",
+    "take_turns",
 ]
 
 _FORMAT = 1
@@ -470,29 +474,50 @@ def split_across_ranks(items: Sequence, costs: Optional[Sequence[float]] = None)
     return [item for item, owner in zip(items, owners(len(items), costs)) if owner == rank]
 
 
-def gather_fitted(local: Mapping, keys: Sequence, device=None, costs: Optional[Sequence[float]] = None) -> Dict:
+_turns = itertools.count()  # one shared counter per call of take_turns, numbered alike on every rank
+
+
+def take_turns(items: Sequence, costs: Optional[Sequence[float]] = None) -> Iterator:
+    """This rank's share of ``items``, one at a time. In ``tune(..., workers=n)``'s forked workers each
+    rank takes the next item (the costliest first, with ``costs``) as soon as it is free, so that a cost
+    misjudged leaves no rank idle; under torchrun, :func:`split_across_ranks`' share; alone, every item.
+    Every rank must call it for the same items, in the same order; :func:`gather_fitted` then finds out
+    which rank did which."""
+    items, counter = list(items), f"take_turns/{next(_turns)}"
+    if costs is not None and len(costs) != len(items):
+        raise ValueError(f"take_turns needs one cost per item: {len(items)} items, {len(costs)} costs")
+    k = claim_next(counter) if rank_and_world_size()[1] > 1 else None
+    if k is None:  # alone, or not in forked workers (torchrun): a share fixed in advance
+        yield from split_across_ranks(items, costs)
+        return
+    order = sorted(range(len(items)), key=lambda i: -costs[i]) if costs is not None else range(len(items))
+    while k < len(items):
+        yield items[order[k]]
+        k = claim_next(counter)
+
+
+def gather_fitted(local: Mapping, keys: Sequence, device=None) -> Dict:
     """Every rank's results, on every rank: ``local`` holds this rank's (``key -> object``, e.g. fitted
-    hypersolvers) for its share of ``keys`` (:func:`split_across_ranks`, with the same ``costs``); each
-    object is sent by its owner to all (pickled with ``torch.save``: modules with their weights and
-    attributes), its tensors loaded onto ``device`` (default: as they were). A key its owner lacks (skipped)
+    hypersolvers) for its share of ``keys`` (:func:`split_across_ranks`, :func:`take_turns`); each object
+    is sent by the rank that holds it to all (pickled with ``torch.save``: modules with their weights and
+    attributes), its tensors loaded onto ``device`` (default: as they were). A key no rank holds (skipped)
     is left out everywhere. Returns ``key -> object`` in the order of ``keys``."""
     rank, world = rank_and_world_size()
+    if world == 1:
+        return {key: local[key] for key in keys if key in local}
+    held: List[Optional[List[int]]] = [None] * world
+    dist.all_gather_object(held, [i for i, key in enumerate(keys) if key in local])
+    holder = {i: r for r in reversed(range(world)) for i in held[r]}  # the lowest rank, should two hold one
     gathered = {}
-    assigned = owners(len(keys), costs)
     for i, key in enumerate(keys):
-        owner = assigned[i]
-        if world == 1:
-            if key in local:
-                gathered[key] = local[key]
+        if i not in holder:
             continue
-        payload = [None]
-        if rank == owner and key in local:
+        owner, payload = holder[i], [None]
+        if rank == owner:
             buffer = io.BytesIO()
             torch.save(local[key], buffer)
             payload = [buffer.getvalue()]
         dist.broadcast_object_list(payload, src=owner)
-        if payload[0] is None:
-            continue
         if rank == owner:
             gathered[key] = local[key]
         else:  # from a rank of this job, not from a file
