@@ -127,3 +127,58 @@ def test_inductor_compiles_once_and_gives_the_eager_numbers():
     for compiled, eager in _mixed_solves(hs, f, True):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     assert _compilations() - before == 1
+
+
+@pytest.mark.parametrize("steps", [4, UNROLLED_STEPS + 3])  # the whole solve compiled, or its step
+@pytest.mark.parametrize("backwards", [False, True])
+@pytest.mark.parametrize("timed", [True, False])  # a field f(t, z), or a net of z that torchdyn wraps twice
+def test_a_neural_odes_field_compiles_once_and_counts_its_evaluations_as_eager(steps, backwards, timed):
+    """torchdyn's NeuralODE wraps its field in counters (DEFunc, DEFuncBase: ``nfe``, a float that
+    torch.compile would guard on, compiling again at every solve); compiled solves run the field unwrapped,
+    compile once and add to every counter what an eager solve counts."""
+    from torchdyn.core import NeuralODE
+
+    class TimedField(Field):
+        def forward(self, t, z, args=None):  # torchdyn passes args to a field that takes t
+            return super().forward(t, z)
+
+    torch.manual_seed(0)
+    of_z = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    net = TimedField() if timed else of_z
+    node = NeuralODE(net, solver="euler")
+    hs, f = HyperHeun(MLPHyperNet(2, (16,), time=True)), node.vf
+    t_span = torch.linspace(0, 1, steps + 1)
+    t_span = t_span.flip(0) if backwards else t_span
+    counters_of = [m for m in (f, f.vf) if hasattr(m, "nfe")]  # DEFunc, and the DEFuncBase around a net of z
+    assert len(counters_of) == (1 if timed else 2)
+    before = _compilations()
+    for batch in (8, 64, 5, 8):
+        z0 = torch.randn(batch, 2)
+        with torch.no_grad():
+            start = [c.nfe for c in counters_of]
+            compiled = hs.solve(f, z0, t_span, compile="eager")
+            counted = [c.nfe - s for c, s in zip(counters_of, start)]
+            eager = hs.solve(f, z0, t_span)
+            eager_counted = [c.nfe - s - n for c, s, n in zip(counters_of, start, counted)]
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+        assert counted == eager_counted == [2 * steps] * len(counters_of)  # Heun: two evaluations of f per step
+    assert _compilations() - before == 1
+
+
+def test_a_field_that_does_more_than_count_keeps_its_torchdyn_wrapper():
+    from torchdyn.core.defunc import DEFunc
+
+    from torchdyn_hypersolvers._user_model import uncounted_field
+
+    class DepthVariable(torch.nn.Module):  # torchdyn's DEFunc sets .t on every module that has one
+        def __init__(self):
+            super().__init__()
+            self.t, self.linear = 0.0, torch.nn.Linear(2, 2)
+
+        def forward(self, t, z, args=None):
+            return self.linear(z) * self.t
+
+    wrapped = DEFunc(DepthVariable())
+    assert uncounted_field(wrapped) == (wrapped, ())
+    plain = Field()
+    assert uncounted_field(plain) == (plain, ())

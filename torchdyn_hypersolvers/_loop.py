@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ._mesh import check_t_span, forward_time
 from ._outside_fit import check_model_of
 from ._states import check_state
-from ._user_model import check_vector_field
+from ._user_model import check_vector_field, uncounted_field
 from .tableaus import VectorField
 
 __all__ = ["fixed_solve", "UNROLLED_STEPS"]
@@ -70,6 +70,9 @@ def fixed_solve(
         check_state(z0)
     t_span = t_span.to(z0.device)
     user_f, backwards = f, bool(t_span[1] < t_span[0])
+    counted = ()
+    if compile and not cuda_graph:  # torchdyn's call counters would make every compiled solve compile anew
+        f, counted = uncounted_field(f)
     f, t_span = forward_time(f, t_span)
     steps = len(t_span) - 1
     per_step = bool(compile) and (cuda_graph or steps > UNROLLED_STEPS)
@@ -85,7 +88,11 @@ def fixed_solve(
     try:
         with mode:  # the inputs are made here: one kind of tensor whatever mode the caller is in
             ts, dts = _step_times(t_span)
-            return solve(_compile_input(z0) if compile else z0, ts, dts)
+            calls = _calls_per_step(stepper, user_f, backwards, counted, (z0, ts[0], dts[0])) if counted else 0
+            out = solve(_compile_input(z0) if compile else z0, ts, dts)
+        for wrapper in counted:  # what the wrappers would have counted
+            wrapper.nfe += calls * steps
+        return out
     except TypeError:
         check_vector_field(user_f)  # a named error when f cannot be called as f(t, z); no cost otherwise
         raise
@@ -93,6 +100,24 @@ def fixed_solve(
 
 def _eager_step(stepper: nn.Module, f: VectorField) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     return lambda z, t, dt: stepper.step(f, z, t, dt)[1]
+
+
+def _calls_per_step(stepper, user_f, backwards: bool, counted, first: tuple) -> float:
+    """How many times a step calls the field, as torchdyn's wrappers (``counted``, outermost first) count
+    in one eager step from ``first = (z0, t0, dt0)`` (forward-time frame), once per (solver, field); the
+    counters are then put back as they were."""
+    key = ("calls per step", id(user_f))
+    entry = _cache(stepper).get(key)
+    if entry is None or entry[0] is not user_f:
+        before = [wrapper.nfe for wrapper in counted]
+        f = (lambda t, z: -user_f(-t, z)) if backwards else user_f  # as forward_time makes it
+        with torch.no_grad():
+            stepper.step(f, *first)
+        entry = (user_f, counted[0].nfe - before[0])
+        for wrapper, nfe in zip(counted, before):
+            wrapper.nfe = nfe
+        _cache(stepper)[key] = entry
+    return entry[1]
 
 
 def _step_times(t_span: Tensor):

@@ -11,9 +11,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 from torchdyn.core import NeuralODE
+from torchdyn.core.defunc import DEFunc, DEFuncBase
 
 __all__ = [
     "resolve_model",
+    "uncounted_field",
     "preserved",
     "module_device",
     "owned_modules",
@@ -223,6 +225,34 @@ def _saved_tensors(modules: List[nn.Module]) -> List[Tuple[Tensor, Tensor]]:
             seen.setdefault(id(tensor), tensor)
     with torch.no_grad():
         return [(tensor, tensor.detach().clone()) for tensor in seen.values()]
+
+
+def uncounted_field(f: Callable) -> Tuple[Callable, Tuple[nn.Module, ...]]:
+    """``f`` without torchdyn's wrappers (``DEFunc``, ``DEFuncBase``: a ``NeuralODE``'s ``vf``) where all they
+    do is count their calls, and those wrappers; ``(f, ())`` for anything else.
+
+    The count is a float attribute, ``nfe``, which ``torch.compile`` guards on: a compiled solve of the
+    wrapped field would compile again at every call, and after the recompile limit run eagerly. A solve
+    through the unwrapped field adds its calls to the wrappers' ``nfe`` itself. A ``DEFunc`` that does more
+    (higher order, an integral loss, depth-variable modules that read ``t``) is kept as it is."""
+    wrappers: List[nn.Module] = []
+    while (isinstance(f, DEFunc) and _only_counts(f)) or isinstance(f, DEFuncBase):
+        wrappers.append(f)
+        f = f.vf
+    if not wrappers:
+        return f, ()
+    last = wrappers[-1]
+    if isinstance(last, DEFuncBase) and not last.has_time_arg:
+        return (lambda t, x: f(x)), tuple(wrappers)
+    return (lambda t, x: f(t, x, args={})), tuple(wrappers)  # as the innermost wrapper calls it
+
+
+def _only_counts(wrapper: DEFunc) -> bool:
+    """Whether a ``DEFunc`` only counts and calls its field (first order, no integral loss, no module that
+    reads the depth variable ``t``, which it would set at every call)."""
+    if wrapper.order != 1 or wrapper.integral_loss is not None:
+        return False
+    return not (isinstance(wrapper.vf, nn.Module) and any(hasattr(m, "t") for m in wrapper.vf.modules()))
 
 
 def check_field_output(f: Callable, t: Tensor, z: Tensor) -> None:
