@@ -140,14 +140,15 @@ def _one(name, model, x, t_span, labels, options, quick: bool) -> Dict[str, obje
             }
             if pick is not None:
                 choice, error, accuracy = pick
-                times = compare(
-                    {
-                        "tuned": lambda c=choice: c.solver.solve(f, z0, c.mesh, return_trajectory=False),
-                        "torchdyn": lambda t=tol: torchdyn_odeint(f, z0, ends, solver="dopri5", atol=t, rtol=t),
-                        "torchdiffeq": lambda t=tol: torchdiffeq.odeint(f, z0, ends, method="dopri5", atol=t, rtol=t),
-                    },
-                    repeats=3 if quick else 15,
-                )
+                candidates = {
+                    "tuned": lambda c=choice: c.solver.solve(f, z0, c.mesh, return_trajectory=False),
+                    "torchdyn": lambda t=tol: torchdyn_odeint(f, z0, ends, solver="dopri5", atol=t, rtol=t),
+                    "torchdiffeq": lambda t=tol: torchdiffeq.odeint(f, z0, ends, method="dopri5", atol=t, rtol=t),
+                }
+                compiled = _compiled(choice, f, z0, "eager" if quick else True)
+                if compiled is not None:
+                    candidates["compiled"] = compiled
+                times = compare(candidates, repeats=3 if quick else 15)
                 row.update(
                     choice=_labelled(choice),
                     grid="learned" if choice.learned_grid else "uniform",
@@ -159,6 +160,12 @@ def _one(name, model, x, t_span, labels, options, quick: bool) -> Dict[str, obje
                     speedup_vs_torchdyn=times["torchdyn"] / times["tuned"],
                     speedup_vs_torchdiffeq=times["torchdiffeq"] / times["tuned"],
                 )
+                if compiled is not None:  # the same solver through solve(..., compile=True)
+                    row.update(
+                        compiled_ms=1e3 * times["compiled"],
+                        compiled_vs_torchdyn=times["torchdyn"] / times["compiled"],
+                        compiled_vs_torchdiffeq=times["torchdiffeq"] / times["compiled"],
+                    )
             rows.append(row)
     grid_ratio = {
         nfe: c.error / c.uniform_error if c.uniform_error > 0 else None for nfe, c in sorted(result.choices.items())
@@ -238,6 +245,20 @@ def _fmt(x, spec=".3g") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _compiled(choice, f, z0, backend):
+    """The choice's solve through ``solve(..., compile=backend)``, compiled here (None, with why, when
+    torch.compile fails on this machine)."""
+    def solve():
+        return choice.solver.solve(f, z0, choice.mesh, return_trajectory=False, compile=backend)
+
+    try:
+        solve()
+    except Exception as err:  # noqa: BLE001 - a compiler missing or failing here: the column says "-"
+        print(f"compile=True failed for {choice.label} ({type(err).__name__}: {err}); timed eager only")
+        return None
+    return solve
+
+
 def markdown(result) -> str:
     lines = [
         "### tune() against dopri5 at equal accuracy (held-out inputs)",
@@ -245,11 +266,13 @@ def markdown(result) -> str:
         f"{result['threads']} torch thread(s); tune in {result.get('workers', 1)} forked worker(s) "
         f"(`tune(..., workers={result.get('workers', 1)})`), one thread each. "
         "Accuracy: test accuracy of the classifier's head for digits, "
-        "mean terminal error otherwise. Speed-up: dopri5's median wall time / the tuned choice's.",
+        "mean terminal error otherwise. Speed-up: dopri5's median wall time / the tuned choice's; "
+        "compiled: the same choice solved with `solve(..., compile=True)` (dopri5 as it is).",
         "",
         "| workload | tol | dopri5 NFE | dopri5 accuracy | tuned choice | NFE | its accuracy | tuned (ms) "
-        "| vs torchdyn dopri5 | vs torchdiffeq dopri5 | tune (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs torchdyn dopri5 | vs torchdiffeq dopri5 | compiled (ms) | compiled vs torchdyn / torchdiffeq "
+        "| tune (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in result["workloads"]:
         for r in w["rows"]:
@@ -257,14 +280,14 @@ def markdown(result) -> str:
             if r["nfe"] is None:
                 lines.append(
                     f"| {w['workload']} | {r['tol']:g} | {r['dopri5_nfe']} | {quality} | none as accurate | - | - | - "
-                    f"| - | - | {w['tune_s']:.0f} |"
+                    f"| - | - | - | - | {w['tune_s']:.0f} |"
                 )
                 continue
             mine = _fmt(r["accuracy"], ".1%") if r["accuracy"] is not None else _fmt(r["error"])
             lines.append(
                 f"| {w['workload']} | {r['tol']:g} | {r['dopri5_nfe']} | {quality} | {r['choice']} ({r['grid']} grid) "
                 f"| {r['nfe']} | {mine} | {r['tuned_ms']:.2f} | {r['speedup_vs_torchdyn']:.1f}x "
-                f"| {r['speedup_vs_torchdiffeq']:.1f}x | {w['tune_s']:.0f} |"
+                f"| {r['speedup_vs_torchdiffeq']:.1f}x | {_compiled_cells(r)} | {w['tune_s']:.0f} |"
             )
     lines += _by_nfe(
         result,
@@ -285,6 +308,12 @@ def markdown(result) -> str:
                            for p in w["front"])
         lines.append(f"- {w['workload']}: {points}")
     return "\n".join(lines) + "\n"
+
+
+def _compiled_cells(row) -> str:
+    if "compiled_ms" not in row:
+        return "- | -"
+    return f"{row['compiled_ms']:.2f} | {row['compiled_vs_torchdyn']:.1f}x / {row['compiled_vs_torchdiffeq']:.1f}x"
 
 
 def _by_nfe(result, key: str, title: str) -> list:

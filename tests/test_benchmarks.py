@@ -271,6 +271,10 @@ def test_tune_and_devices_suites_quick_output_is_self_consistent(tmp_path):
             assert r["speedup_vs_torchdyn"] == pytest.approx(r["torchdyn_ms"] / r["tuned_ms"], rel=1e-9)
             assert r["speedup_vs_torchdiffeq"] == pytest.approx(r["torchdiffeq_ms"] / r["tuned_ms"], rel=1e-9)
             assert f"{r['speedup_vs_torchdyn']:.1f}x | {r['speedup_vs_torchdiffeq']:.1f}x" in markdown
+            # the same choice through solve(..., compile=...), timed in the same interleaved run
+            assert r["compiled_vs_torchdyn"] == pytest.approx(r["torchdyn_ms"] / r["compiled_ms"], rel=1e-9)
+            assert r["compiled_vs_torchdiffeq"] == pytest.approx(r["torchdiffeq_ms"] / r["compiled_ms"], rel=1e-9)
+            assert f"{r['compiled_ms']:.2f} | {r['compiled_vs_torchdyn']:.1f}x / " in markdown
     devices = results["suites"]["devices"]
     assert devices["devices"][0] == "cpu" and [r["workload"] for r in devices["rows"]] == ["digits", "CNF pinwheel"]
     for r in devices["rows"]:
