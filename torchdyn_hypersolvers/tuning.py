@@ -537,6 +537,7 @@ def _setup(model, x: Tensor, t_span, labels: Optional[Tensor], device, search: S
     with preserved(module), torch.no_grad():
         z = initial_state(x[:2])
         check_field_output(f, span[0], z)  # before any solve: a field of the wrong width is named, with both shapes
+        fast_f = field_in(f, FAST_DTYPE, float(span[0]), z[:1]) if z.dtype == torch.float64 else None
     make = search.hypernet or _default_hypernet(tuple(z.shape[1:]))  # refuses image states without a hypernet
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(search.seed))
     test = order[:held]
@@ -553,7 +554,7 @@ def _setup(model, x: Tensor, t_span, labels: Optional[Tensor], device, search: S
         None if labels is None else labels[test],
         device,
         _model_dtype(model, x),
-        field_in(f, FAST_DTYPE, float(span[0]), z[:1]) if z.dtype == torch.float64 else None,
+        fast_f,
         make,
         search.g_sizes if search.hypernet is None else (None,),
         search,
