@@ -76,8 +76,8 @@ FAST_DTYPE = torch.float32
 ``dt**(p+1)``, and float32 learns it as well as float64 at half the arithmetic on a CPU; the targets are
 computed in the trajectories' dtype first. Budget fits of a float64 model: on a float32 copy of f (a module;
 a field that cannot run in float32 is fitted in its own dtype), kept only when they lower the held-out
-error, measured in float64. The fitted g is cast to the model's dtype (van der Pol's float64 model: tune in
-0.7x the time, its choices as accurate)."""
+error, measured in float64. The fitted g is cast to the model's dtype (the float64 van der Pol and Lorenz
+benchmark models: tune in 0.55-0.65x the time, its choices as accurate)."""
 ALONE_FACTOR = 10.0
 """A budget's per-step coefficients without g are not fitted when its base solver's held-out error is more
 than this many times the budget's best hypersolver's: learned coefficients and grid lower a base's error
