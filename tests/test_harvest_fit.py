@@ -323,3 +323,25 @@ def test_the_fit_describes_itself_in_the_validity_record():
     assert data.mesh_steps.tolist() == [2, 2, 4, 4, 4, 4]
     with pytest.warns(DeprecationWarning, match="mesh_steps"):
         assert torch.equal(data.steps, data.mesh_steps)
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check"), reason="no such check in this torch"
+)
+def test_a_cpu_fit_does_not_query_the_accelerator_at_every_step(monkeypatch):
+    """AdamW's CUDA-graph capture check asks for an accelerator at every step (slow where Lightning makes
+    torch ask NVML); a fit of CPU parameters skips it and still steps."""
+    calls = []
+    check = torch.optim.Optimizer._accelerator_graph_capture_health_check
+    monkeypatch.setattr(
+        torch.optim.Optimizer, "_accelerator_graph_capture_health_check", lambda self: calls.append(1) or check(self)
+    )
+    trajectories = harvest(lambda t, z: -z, torch.randn(32, 2), torch.tensor([0.0, 1.0]), steps=[2])
+    hs = HyperEuler(MLPHyperNet(2))
+    before = copy.deepcopy(hs.hypernet.state_dict())
+    fit(hs, trajectories, iterations=5, progress=False)
+    assert calls == []
+    assert any(not torch.equal(before[k], v) for k, v in hs.hypernet.state_dict().items())
+    optimizer = torch.optim.AdamW(hs.hypernet.parameters())  # anyone else's optimiser is left as it is
+    optimizer.step()
+    assert calls == [1]

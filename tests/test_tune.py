@@ -54,6 +54,7 @@ def tuned():
         T_SPAN,
         nfe=[4, 8],
         bases=(HyperEuler, HyperMidpoint),
+        stage_aware="both",  # Midpoint with a plain and a stage-aware g: a real choice at every budget
         iterations=150,
         grid_iterations=30,
         budget_iterations=0,  # the residual-fitted candidates' choice (finalists: test_tune_finalists.py)
@@ -319,12 +320,38 @@ def test_tuned_rk4_with_a_scaled_g_is_scaled_once():
     f = _field()
     x = torch.randn(32, 2, generator=torch.Generator().manual_seed(4))
     result = tune(f, x, T_SPAN, nfe=[4], bases=(HyperRK4,), iterations=5, grid=False, progress=False)
-    hs = result.candidates["HyperRK4"]
+    hs = result.candidates["HyperRK4 (stage-aware g)"]
     assert hs.hypernet.scales_output and not torch.equal(hs.hypernet.out_std, torch.ones(2))  # standardised
     assert hs.residual_scale == 1.0  # g's own output scale, not a second one
-    assert result.fit_reports["HyperRK4"].iterations == 5 * tuning.HIGH_ORDER_ITERATIONS  # order 4: fitted longer
+    iterations = result.fit_reports["HyperRK4 (stage-aware g)"].iterations
+    assert iterations == 5 * tuning.HIGH_ORDER_ITERATIONS  # order 4: fitted longer
     euler = tune(f, x, T_SPAN, nfe=[4], bases=(HyperEuler,), iterations=5, grid=False, progress=False)
     assert euler.fit_reports["HyperEuler"].iterations == 5  # a lower order: the recipe's
+
+
+@pytest.mark.parametrize(
+    "stage_aware, labels",
+    [
+        (True, {"HyperMidpoint (stage-aware g)", "HyperRK4 (stage-aware g)"}),
+        (False, {"HyperMidpoint", "HyperRK4"}),
+        ("both", {"HyperMidpoint", "HyperMidpoint (stage-aware g)", "HyperRK4", "HyperRK4 (stage-aware g)"}),
+    ],
+)
+def test_stage_aware_picks_the_g_of_bases_of_several_stages(stage_aware, labels):
+    f = _field()
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(5))
+    options = dict(nfe=[4], bases=(HyperMidpoint, HyperRK4), iterations=3, grid=False, budget_iterations=0)
+    result = tune(f, x, T_SPAN, stage_aware=stage_aware, progress=False, **options)
+    assert set(result.candidates) == labels
+    for label, hs in result.candidates.items():  # a stage-aware g reads every stage (and z0), a plain one z, f, dt
+        assert hs.reads_stages == label.endswith("(stage-aware g)")
+    assert Search().stage_aware is True
+
+
+@pytest.mark.parametrize("bad", [1, 0, "yes", None])
+def test_bad_stage_aware_is_refused_by_value(bad):
+    with pytest.raises(ValueError, match=f"stage_aware must be True, False or 'both', got {bad!r}"):
+        Search(stage_aware=bad)
 
 
 def test_search_options_and_keywords():

@@ -44,7 +44,8 @@ def main(out: pathlib.Path) -> None:
     tuning.split_across_ranks = recording
     x = torch.randn(128, 2, generator=torch.Generator().manual_seed(1))
     result = tune(Field(), x, torch.linspace(0, 1, 2), nfe=[4, 8], bases=(HyperEuler, HyperMidpoint),
-                  iterations=30, grid_iterations=5, budget_iterations=20, g_sizes=((16, 16), (24, 24)), progress=False)
+                  stage_aware="both", iterations=30, grid_iterations=5, budget_iterations=20,
+                  g_sizes=((16, 16), (24, 24)), progress=False)
     torch.save(
         {
             "fitted_here": fitted_here,

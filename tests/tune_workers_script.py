@@ -24,6 +24,7 @@ SPAN = torch.linspace(0, 1, 2)
 SMALL = dict(
     nfe=(4, 8),
     bases=(HyperEuler, HyperMidpoint),
+    stage_aware="both",  # three candidates: work for both workers
     iterations=40,
     budget_iterations=20,
     grid_iterations=10,
