@@ -1,7 +1,7 @@
 """tune() against dopri5: the fastest tuned hypersolver at dopri5's accuracy, on five workloads.
 
-For each workload, ``tune`` searches HyperEuler, HyperMidpoint and HyperRK4 (plain and
-stage-aware g) over a ladder of budgets and fits a time grid per budget; then, on the inputs
+For each workload, ``tune`` searches HyperEuler, HyperMidpoint and HyperRK4 (a stage-aware g
+for the two multi-stage bases) over a ladder of budgets and fits a time grid per budget; then, on the inputs
 ``tune`` held out, for tolerances 1e-3 and 1e-4: dopri5's accuracy (test accuracy for the
 digits classifier, mean terminal error otherwise: the sample error for the CNF), the tuned
 choice with the fewest evaluations of f that is at least as accurate, and the wall time of

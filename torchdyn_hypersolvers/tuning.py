@@ -257,8 +257,8 @@ class Search:
             time-aware, standardised :class:`~.hypernets.MLPHyperNet` of two 64-wide layers, for
             states ``(B, D)``; image states need one).
         stage_aware: for a base of two or more stages, g reads every stage of the base step and z0
-            (True, the default: the more accurate at 43 of 48 (base, budget) pairs of the four 2-D
-            benchmark workloads, and every budget a base of several stages won), only ``z``, ``f(z)`` and
+            (True, the default: the more accurate at 48 of 52 (base, budget) pairs of four benchmark
+            workloads, and at every budget where a base of several stages won), only ``z``, ``f(z)`` and
             ``dt`` (False), or both are fitted and compared (``'both'``: two candidates per such base).
         recipe: how each candidate's g is fitted (a :class:`~.fit.Recipe`; 2000 iterations, twice as many
             for a base of order 4 or more: ``HIGH_ORDER_ITERATIONS``); ``tune(..., iterations=300)``
