@@ -316,7 +316,7 @@ class Search:
         if not isinstance(self.recipe, Recipe):
             raise TypeError(f"recipe must be a Recipe, got {type(self.recipe).__name__}")
         _check_held_out(self.held_out)
-        if self.stage_aware not in STAGE_AWARE or not isinstance(self.stage_aware, (bool, str)):
+        if not isinstance(self.stage_aware, (bool, str)) or self.stage_aware not in STAGE_AWARE:
             raise ValueError(f"stage_aware must be True, False or 'both', got {self.stage_aware!r}")
         check_int(self.grid_iterations, "grid_iterations", minimum=0)
         check_int(self.workers, "workers", minimum=1)
