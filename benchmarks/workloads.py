@@ -3,12 +3,14 @@ per process (offline, CPU-sized; ``quick`` shrinks everything to seconds)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import resource
 import time
 import warnings
 
+import numpy as np
 import torch
 from torchdyn.datasets import ToyDataset
 
@@ -24,6 +26,21 @@ TUNE_INPUTS = {False: 4096, True: 64}
 MOONS_STEPS = [4, 8, 12, 16, 20, 24]
 DIGITS_STEPS = [1, 2, 3, 4, 6, 8, 12, 16, 20, 24]
 CNF_STEPS = [2, 4, 6, 8, 10, 12]  # HyperHeun: NFE 4..24
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """torch's and numpy's generators seeded within the block and put back after: torchdyn's toy
+    datasets draw from numpy's global generator, so seeding torch alone left the moons data (and every
+    moons number) different in each run."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        np.random.set_state(state)
 
 
 def _peak_rss_mb() -> float:
@@ -53,12 +70,11 @@ def _harvest_and_fit(model, inputs, t_span, steps, hs, iterations, **fit_kwargs)
 @functools.cache
 def moons_model(quick: bool):
     """The quickstart's moons classifier, trained with dopri5 (no hypersolver)."""
-    torch.manual_seed(0)
-    model, (X_train, _), (X_test, y_test), accuracy = quickstart.train_moons(
-        512 if quick else 2048, 40 if quick else 400, "cpu", progress=False
-    )
-    with torch.random.fork_rng(devices=[]):  # more inputs like the training data, for tune; the RNG untouched
-        torch.manual_seed(1)
+    with _seeded(0):
+        model, (X_train, _), (X_test, y_test), accuracy = quickstart.train_moons(
+            512 if quick else 2048, 40 if quick else 400, "cpu", progress=False
+        )
+    with _seeded(1):  # more inputs like the training data, for tune
         x_tune, _ = ToyDataset().generate(n_samples=TUNE_INPUTS[quick], dataset_type="moons", noise=0.1)
     return {"model": model, "x_train": X_train, "x": X_test, "y": y_test, "accuracy": accuracy, "x_tune": x_tune}
 

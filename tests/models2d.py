@@ -1,5 +1,6 @@
 """Small models shared by the tests: a trained 2-D Neural ODE and a stiff-ish field."""
 
+import numpy as np
 import torch
 from torch import nn
 from torchdyn.core import NeuralODE
@@ -9,7 +10,12 @@ from torchdyn.datasets import ToyDataset
 def trained_moons_node(seed: int = 0, iterations: int = 150):
     """A NeuralODE classifier of torchdyn's moons, trained for a few seconds; returns (model, X)."""
     torch.manual_seed(seed)
-    X, y = ToyDataset().generate(n_samples=1024, dataset_type="moons", noise=0.1)
+    state = np.random.get_state()  # torchdyn's toy datasets draw from numpy's global generator
+    np.random.seed(seed)
+    try:
+        X, y = ToyDataset().generate(n_samples=1024, dataset_type="moons", noise=0.1)
+    finally:
+        np.random.set_state(state)
     f = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 2))
     model = NeuralODE(f, solver="tsit5", atol=1e-4, rtol=1e-4)
     head = nn.Linear(2, 2)

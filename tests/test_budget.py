@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from torchdyn_hypersolvers import HyperEuler, MLPHyperNet, fit, harvest
-from torchdyn_hypersolvers.budget import fit_budget
+from torchdyn_hypersolvers.budget import BUDGET_RECIPE, COEFFICIENTS_RECIPE, fit_budget
+from torchdyn_hypersolvers.nonstationary import NonStationarySolver
 from torchdyn_hypersolvers.validity import OutsideFitWarning
 
 SPAN = torch.linspace(0, 1, 2)
@@ -69,6 +70,32 @@ def test_without_the_grid_only_g_is_fitted_on_the_uniform_mesh(setup):
     fit_budget(hs, traj, grid=False, iterations=50, progress=False)
     assert torch.equal(hs.time_grid, torch.linspace(0, 1, 5))
     assert any(not torch.equal(a, b) for a, b in zip(hs.state_dict().values(), fitted.state_dict().values()))
+
+
+def _fitted(traj, g: bool = False, **options):
+    torch.manual_seed(0)
+    solver = NonStationarySolver("midpoint", steps=2, g=MLPHyperNet(2, hidden=(8,), time=True) if g else None)
+    fit_budget(solver, traj, iterations=40, progress=False, seed=0, **options)
+    return [p.detach().clone() for p in solver.parameters()] + [solver.time_grid]
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_coefficients_without_g_default_to_their_own_recipe(setup):
+    """Per-step coefficients alone start from the base tableau: by default they are fitted with
+    COEFFICIENTS_RECIPE (a higher learning rate than BUDGET_RECIPE's, which refines a fitted g)."""
+    f = setup[0]
+    traj = harvest(f, torch.randn(64, 2), SPAN, steps=[2], base="midpoint")
+    assert COEFFICIENTS_RECIPE.lr > BUDGET_RECIPE.lr
+    default, gentle = _fitted(traj), _fitted(traj, recipe=BUDGET_RECIPE)
+    assert _same(default, _fitted(traj, recipe=COEFFICIENTS_RECIPE))
+    assert not _same(default, gentle)
+    assert _same(_fitted(traj, lr=BUDGET_RECIPE.lr), gentle)  # a keyword still overrides the default
+    with_g = _fitted(traj, g=True)  # with a g, the gentle recipe
+    assert _same(with_g, _fitted(traj, g=True, recipe=BUDGET_RECIPE))
+    assert not _same(with_g, _fitted(traj, g=True, recipe=COEFFICIENTS_RECIPE))
 
 
 def test_one_budget_at_a_time(setup):
